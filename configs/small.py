@@ -1,0 +1,22 @@
+"""Small TurboS (~100M parameters, ~40M active) for Colab or one accelerator.
+
+    python -m turbos_jax.summary --config=configs/small.py
+
+Expected hardware: one GPU or TPU chip; fits a free Colab T4 at short sequence lengths.
+"""
+
+from configs import turbos
+
+
+def get_config():
+    config = turbos.get_config()
+    m = config.model
+    m.layout = ("AF" + "MF" * 3) * 3  # 3 A, 9 M, 12 F = 24 layers
+    m.vocab_size = 32_768
+    m.d_model = 512
+    m.num_heads, m.num_kv_heads, m.head_dim = 8, 2, 64
+    m.mamba_heads, m.mamba_head_dim, m.mamba_groups = 16, 64, 4
+    m.mamba_d_state, m.mamba_chunk = 64, 128
+    m.num_experts, m.top_k, m.expert_dim = 8, 2, 512
+    m.remat_policy = "dots_no_batch"
+    return config

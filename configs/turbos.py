@@ -1,0 +1,54 @@
+"""Hunyuan-TurboS, the full 560B / 56B-active model (arXiv 2505.15431, Table 1).
+
+    python -m turbos_jax.summary --config=configs/turbos.py
+
+Every model key is defined and commented here once; `tiny.py` and `small.py` start from this file and
+change sizes only. Choices the report leaves open (see docs/architecture.md):
+  * layout: every mixer is followed by its own FFN -> 64 (mixer, FFN) pairs, 7 with attention:
+    ("AF" + "MF" * 8) * 7 + "MF" = 7 A, 57 M, 64 F = 128 layers.
+  * attention head_dim 128 and Mamba2 head_dim 64 (d_inner 4096): the only pair that lands on both
+    560B total and 56B active; vocab 128K = 131,072 (the tokenizer is not public).
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+
+    m = config.model = ml_collections.ConfigDict()
+    # --- layout and sizes
+    m.layout = ("AF" + "MF" * 8) * 7 + "MF"  # A attention, M Mamba2, F MoE FFN; one symbol per layer
+    m.vocab_size = 131_072  # embedding rows and LM-head columns (untied)
+    m.d_model = 5120  # residual stream width
+    m.norm_eps = 1e-5  # RMSNorm epsilon (all norms)
+    m.init_std = 0.02  # std of the truncated-normal init of projections and embeddings
+    # --- grouped-query attention with QK-norm and RoPE
+    m.num_heads = 64  # query heads
+    m.num_kv_heads = 8  # key/value heads (GQA groups)
+    m.head_dim = 128  # per-head width
+    m.rope_theta = 10_000.0  # RoPE base before NTK scaling
+    m.rope_alpha = 1.0  # NTK-aware scaling alpha: 1 at 4K, 50 at 32K, 1000 at 256K
+    # --- Mamba2 (mamba_ssm conventions)
+    m.mamba_heads = 64  # SSM heads (nheads)
+    m.mamba_head_dim = 64  # channels per head (headdim); d_inner = heads * head_dim
+    m.mamba_groups = 16  # B/C groups (ngroups); heads per group share B and C
+    m.mamba_d_state = 128  # state size per head channel (dstate)
+    m.mamba_chunk = 128  # chunk length of the chunked (SSD) scan
+    m.mamba_conv = 4  # depthwise causal conv kernel width
+    m.mamba_dt_limit = (0.0, float("inf"))  # clamp of softplus(dt + dt_bias)
+    # --- Mixture-of-Experts FFN (SwiGLU experts)
+    m.num_experts = 32  # routed experts
+    m.top_k = 2  # routed experts per token
+    m.num_shared_experts = 1  # always-on experts, same width as routed ones
+    m.expert_dim = 17_024  # expert intermediate size
+    m.capacity_factor = 1.5  # >0: per-sequence expert capacity, overflow dropped; 0: dropless
+    m.aux_loss_weight = 0.01  # weight of the load-balancing loss
+    m.z_loss_weight = 1e-3  # weight of the router z-loss
+    # --- numerics and compilation
+    m.dtype = "bfloat16"  # activation/compute dtype
+    m.param_dtype = "float32"  # parameter (master weight) dtype
+    m.remat_policy = "full"  # none | full | dots | dots_no_batch | save_mixer_outputs
+    m.scan_layers = True  # lax.scan over the repeated period (False: unrolled loop, same params)
+    m.kernel_impl = "auto"  # xla | auto (fastest available; pallas kernels join in issue 4)
+    return config
