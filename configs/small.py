@@ -1,4 +1,4 @@
-"""Small TurboS (~100M parameters, ~40M active) for Colab or one accelerator.
+"""Small TurboS (~103M parameters, ~65M active) for Colab or one accelerator.
 
     python -m turbos_jax.summary --config=configs/small.py
 
@@ -11,7 +11,7 @@ from configs import turbos
 def get_config():
     config = turbos.get_config()
     m = config.model
-    m.layout = ("AF" + "MF" * 3) * 3  # 3 A, 9 M, 12 F = 24 layers
+    m.layout = ("AF" + "MF" * 3) * 2  # 2 A, 6 M, 8 F = 16 layers
     m.vocab_size = 32_768
     m.d_model = 512
     m.num_heads, m.num_kv_heads, m.head_dim = 8, 2, 64

@@ -38,8 +38,9 @@ from jax.sharding import PartitionSpec
 LOGICAL_AXES = ("batch", "seq", "embed", "heads", "kv_heads", "mlp", "vocab", "expert")
 MESH_AXES = ("data", "expert", "model", "context")
 
-# Ordered (logical name -> mesh axes) rules. A mesh axis is used at most once per array: a later
-# dimension whose mesh axis is taken stays unsharded.
+# Ordered (logical name -> mesh axes) rules. Earlier rules claim mesh axes first and a mesh axis is
+# used at most once per array, so e.g. a (batch, expert, ...) activation puts `expert` on its expert
+# dimension and only `data` on its batch dimension.
 PARAM_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("expert", ("expert",)),
     ("vocab", ("model",)),
@@ -49,9 +50,9 @@ PARAM_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("embed", ("data",)),
 )
 ACTIVATION_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("expert", ("expert",)),
     ("batch", ("data", "expert")),
     ("seq", ("context",)),
-    ("expert", ("expert",)),
     ("vocab", ("model",)),
     ("heads", ("model",)),
     ("kv_heads", ("model",)),
@@ -89,13 +90,15 @@ def logical_names(variable: nnx.Variable) -> tuple[str | None, ...]:
 
 
 def _resolve(names: Names, rules) -> PartitionSpec:
-    table = dict(rules)
+    out: list = [None] * len(names)
     used: set[str] = set()
-    out = []
-    for n in names:
-        axes = tuple(a for a in table.get(n, ()) if a not in used) if n is not None else ()
-        used.update(axes)
-        out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    for logical, mesh_axes in rules:
+        for i, n in enumerate(names):
+            if n == logical and out[i] is None:
+                axes = tuple(a for a in mesh_axes if a not in used)
+                if axes:
+                    used.update(axes)
+                    out[i] = axes[0] if len(axes) == 1 else axes
     return PartitionSpec(*out)
 
 
@@ -114,6 +117,17 @@ def param_specs(state: nnx.State, rules=PARAM_RULES):
         lambda v: spec_for(v, rules) if isinstance(v, nnx.Variable) else PartitionSpec(),
         state,
         is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+
+
+def named_shardings(state: nnx.State, mesh: jax.sharding.Mesh, rules=PARAM_RULES):
+    """NamedShardings for a (possibly abstract) state on `mesh`; mesh axes it lacks are dropped."""
+    present = set(mesh.axis_names)
+    return jax.tree.map(
+        lambda spec: jax.sharding.NamedSharding(
+            mesh, PartitionSpec(*[_keep_axes(e, present) for e in spec])),
+        param_specs(state, rules),
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
     )
 
 

@@ -1,0 +1,103 @@
+"""Grouped-query attention with per-head QK-norm, NTK-scaled RoPE and packed-sequence masking.
+
+Shapes: B batch, L query length, S key length, H query heads, K KV heads, G = H // K query heads per
+KV head, Dh head_dim, D d_model.
+
+Algorithm:
+  1. q = x Wq (B, L, H, Dh); k, v = x Wk, x Wv (B, S, K, Dh).
+  2. QK-norm: RMSNorm over Dh of every q and k head (one scale vector shared by all heads).
+  3. RoPE on q and k at each token's position within its own document (positions restart per packed
+     segment), with base theta * alpha ** (Dh / (Dh - 2)) -- NTK-aware scaling, alpha = 1 at 4K.
+  4. scores (B, K, G, L, S) = q k^T / sqrt(Dh) in fp32; a key is visible iff it is not in the future
+     and belongs to the same segment as the query; softmax; out = probs v.
+  5. y = out Wo (B, L, D).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from turbos_jax import sharding
+from turbos_jax.config import ModelConfig
+from turbos_jax.layers.norms import RMSNorm
+
+
+def rope_frequencies(head_dim: int, theta: float, alpha: float) -> jax.Array:
+    """Inverse frequencies (head_dim // 2,) with NTK-aware base scaling by `alpha`."""
+    base = theta * alpha ** (head_dim / (head_dim - 2))
+    return 1.0 / (base ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotates (B, L, N, Dh) by position (B, L): pairs (i, i + Dh/2) rotate together (GPT-NeoX)."""
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, L, Dh/2)
+    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def attention_mask(q_segments: jax.Array, q_positions: jax.Array, k_segments: jax.Array,
+                   k_positions: jax.Array) -> jax.Array:
+    """(B, L, S) bool: key visible iff same segment and not after the query (by sequence index).
+
+    Positions here are sequence indices (0..L-1), not the per-segment RoPE positions.
+    """
+    same = q_segments[:, :, None] == k_segments[:, None, :]
+    causal = q_positions[:, :, None] >= k_positions[:, None, :]
+    return same & causal
+
+
+class Attention(nnx.Module):
+    """GQA self-attention. Parameters: q_proj (D, H, Dh), k_proj/v_proj (D, K, Dh), o_proj (H, Dh, D),
+    q_norm/k_norm scale (Dh,)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, h, k, dh = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        init = nnx.initializers.truncated_normal(stddev=cfg.init_std)
+        p = lambda shape, names: sharding.param(init, rngs.params(), shape, names, cfg.param_dtype)
+        self.q_proj = p((d, h, dh), ("embed", "heads", None))
+        self.k_proj = p((d, k, dh), ("embed", "kv_heads", None))
+        self.v_proj = p((d, k, dh), ("embed", "kv_heads", None))
+        self.o_proj = p((h, dh, d), ("heads", None, "embed"))
+        norm = dict(eps=cfg.norm_eps, param_dtype=cfg.param_dtype, rngs=rngs)
+        self.q_norm = RMSNorm((dh,), (None,), **norm)
+        self.k_norm = RMSNorm((dh,), (None,), **norm)
+
+    def project_qkv(self, x: jax.Array, rope_positions: jax.Array):
+        """Steps 1-3: normalised, rotated q (B, L, H, Dh) and k, v (B, L, K, Dh)."""
+        cfg, dt = self.cfg, self.cfg.dtype
+        x = x.astype(dt)
+        q = jnp.einsum("bld,dhk->blhk", x, self.q_proj[...].astype(dt))
+        k = jnp.einsum("bld,dhk->blhk", x, self.k_proj[...].astype(dt))
+        v = jnp.einsum("bld,dhk->blhk", x, self.v_proj[...].astype(dt))
+        q = sharding.constrain(q, ("batch", "seq", "heads", None))
+        k = sharding.constrain(k, ("batch", "seq", "kv_heads", None))
+        v = sharding.constrain(v, ("batch", "seq", "kv_heads", None))
+        inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_alpha)
+        q = apply_rope(self.q_norm(q), rope_positions, inv_freq)
+        k = apply_rope(self.k_norm(k), rope_positions, inv_freq)
+        return q, k, v
+
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+        """Steps 4-5: q (B, L, H, Dh), k/v (B, S, K, Dh), mask (B, L, S) -> (B, L, D)."""
+        cfg, dt = self.cfg, self.cfg.dtype
+        b, l, h, dh = q.shape
+        kv = cfg.num_kv_heads
+        q = q.reshape(b, l, kv, h // kv, dh)
+        scores = jnp.einsum("blkgd,bskd->bkgls", q, k, preferred_element_type=jnp.float32)
+        scores = scores * (dh**-0.5)
+        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bkgls,bskd->blkgd", probs, v).reshape(b, l, h, dh)
+        y = jnp.einsum("blhk,hkd->bld", out, self.o_proj[...].astype(dt))
+        return sharding.constrain(y, ("batch", "seq", None))
+
+    def __call__(self, x: jax.Array, segment_ids: jax.Array, rope_positions: jax.Array) -> jax.Array:
+        """x (B, L, D); segment_ids, rope_positions (B, L) int32 -> (B, L, D)."""
+        q, k, v = self.project_qkv(x, rope_positions)
+        idx = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), segment_ids.shape)
+        return self.attend(q, k, v, attention_mask(segment_ids, idx, segment_ids, idx))

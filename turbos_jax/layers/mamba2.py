@@ -1,0 +1,151 @@
+"""The Mamba2 mixer, following mamba_ssm's `Mamba2` module (names, initialisation, numerics).
+
+Shapes: B batch, L length, D d_model, H heads, P head_dim, G SSM groups, N d_state, K conv width.
+
+Algorithm:
+  1. in_proj: x (B, L, D) -> z (B, L, H, P), x (B, L, H, P), B and C (B, L, G, N), dt (B, L, H).
+  2. Depthwise causal conv (width K, with bias) + SiLU over x, B and C. Taps that reach into an
+     earlier packed segment are dropped, so no information crosses a document boundary.
+  3. SSD chunked scan (`pallas_kernels.mamba2.chunk_scan`): dt = softplus(dt + dt_bias) clamped to
+     dt_limit, A = -exp(A_log); per head state_t = exp(dt_t A) state_{t-1} + dt_t x_t B_t^T,
+     y_t = C_t state_t + D x_t; the state resets where the segment id changes; fp32 state.
+  4. Gated RMSNorm per SSM group: norm(y * silu(z)).
+  5. out_proj: (B, L, H, P) -> (B, L, D).
+
+Parameter layout vs mamba_ssm. mamba_ssm fuses `in_proj.weight` (2*H*P + 2*G*N + H, D) in the order
+z, x, B, C, dt, and `conv1d.weight` (H*P + 2*G*N, 1, K) over [x, B, C]. Here each part is its own
+array, so tensor parallelism can shard heads and groups without cutting across parts:
+  in_proj.{z, x}: (D, H, P); in_proj.{B, C}: (D, G, N); in_proj.dt: (D, H)   (= rows of W^T)
+  conv1d.{x, B, C}: (K, H, P) / (K, G, N), conv1d.{x_bias, B_bias, C_bias}: (H, P) / (G, N)
+  dt_bias, A_log, D: (H,); norm.scale: (H, P) (= norm.weight reshaped); out_proj: (H, P, D).
+Converting a mamba_ssm checkpoint is a split of the fused rows in that order and a transpose.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pallas_kernels import mamba2 as mamba2_ops
+from pallas_kernels import resolve_impl
+from turbos_jax import sharding
+from turbos_jax.config import ModelConfig
+from turbos_jax.layers.norms import GatedGroupRMSNorm
+
+# mamba_ssm's initialisation ranges (Mamba2 defaults).
+DT_INIT_RANGE = (1e-3, 1e-1)
+DT_INIT_FLOOR = 1e-4
+A_INIT_RANGE = (1.0, 16.0)
+
+
+def _dt_bias_init(key, shape, dtype):
+    """dt log-uniform in DT_INIT_RANGE (floored), stored as its inverse softplus."""
+    lo, hi = DT_INIT_RANGE
+    u = jax.random.uniform(key, shape, jnp.float32)
+    dt = jnp.maximum(jnp.exp(u * (math.log(hi) - math.log(lo)) + math.log(lo)), DT_INIT_FLOOR)
+    return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
+
+
+def _a_log_init(key, shape, dtype):
+    return jnp.log(jax.random.uniform(key, shape, jnp.float32, *A_INIT_RANGE)).astype(dtype)
+
+
+def _conv_init(width):
+    """PyTorch's Conv1d default for a depthwise conv: U(-1/sqrt(K), 1/sqrt(K)), fan_in = K."""
+    bound = 1.0 / math.sqrt(width)
+    return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def causal_depthwise_conv(u: jax.Array, kernel: jax.Array, bias: jax.Array,
+                          segment_ids: jax.Array) -> jax.Array:
+    """Causal depthwise conv within segments: u (B, L, *C), kernel (K, *C), bias (*C).
+
+    out[t] = bias + sum_k kernel[k] * u[t - (K - 1) + k], counting only taps in the same segment as t.
+    K is small (4), so K shifted multiply-adds beat a general convolution and keep the layout.
+    """
+    width, length = kernel.shape[0], u.shape[1]
+    extra = (1,) * (u.ndim - 2)
+    u_pad = jnp.pad(u, [(0, 0), (width - 1, 0)] + [(0, 0)] * (u.ndim - 2))
+    seg_pad = jnp.pad(segment_ids, [(0, 0), (width - 1, 0)], constant_values=-1)
+    out = jnp.broadcast_to(bias.astype(jnp.float32), u.shape)
+    for k in range(width):
+        tap = u_pad[:, k : k + length].astype(jnp.float32)
+        same = (seg_pad[:, k : k + length] == segment_ids).reshape(*segment_ids.shape, *extra)
+        out = out + jnp.where(same, tap, 0.0) * kernel[k].astype(jnp.float32)
+    return out.astype(u.dtype)
+
+
+class Mamba2(nnx.Module):
+    """Mamba2 mixer: (B, L, D) -> (B, L, D). See the module docstring for layouts."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, h, p = cfg.d_model, cfg.mamba_heads, cfg.mamba_head_dim
+        g, n, k = cfg.mamba_groups, cfg.mamba_d_state, cfg.mamba_conv
+        pd = cfg.param_dtype
+        proj = nnx.initializers.truncated_normal(stddev=cfg.init_std)
+        conv = _conv_init(k)
+        par = lambda init, shape, names: sharding.param(init, rngs.params(), shape, names, pd)
+        self.in_proj = nnx.Dict(
+            z=par(proj, (d, h, p), ("embed", "heads", None)),
+            x=par(proj, (d, h, p), ("embed", "heads", None)),
+            B=par(proj, (d, g, n), ("embed", "kv_heads", None)),
+            C=par(proj, (d, g, n), ("embed", "kv_heads", None)),
+            dt=par(proj, (d, h), ("embed", "heads")),
+        )
+        self.conv1d = nnx.Dict(
+            x=par(conv, (k, h, p), (None, "heads", None)),
+            B=par(conv, (k, g, n), (None, "kv_heads", None)),
+            C=par(conv, (k, g, n), (None, "kv_heads", None)),
+            x_bias=par(conv, (h, p), ("heads", None)),
+            B_bias=par(conv, (g, n), ("kv_heads", None)),
+            C_bias=par(conv, (g, n), ("kv_heads", None)),
+        )
+        self.dt_bias = par(_dt_bias_init, (h,), ("heads",))
+        self.A_log = par(_a_log_init, (h,), ("heads",))
+        self.D = par(nnx.initializers.ones, (h,), ("heads",))
+        self.norm = GatedGroupRMSNorm(h, p, g, eps=cfg.norm_eps, param_dtype=pd, rngs=rngs)
+        self.out_proj = par(proj, (h, p, d), ("heads", None, "embed"))
+
+    def project(self, x: jax.Array):
+        """Step 1: z, x (B, L, H, P); B, C (B, L, G, N); dt (B, L, H), all in cfg.dtype."""
+        dt = self.cfg.dtype
+        x = x.astype(dt)
+        w = {name: v[...].astype(dt) for name, v in self.in_proj.items()}
+        z = jnp.einsum("bld,dhp->blhp", x, w["z"])
+        xs = jnp.einsum("bld,dhp->blhp", x, w["x"])
+        b = jnp.einsum("bld,dgn->blgn", x, w["B"])
+        c = jnp.einsum("bld,dgn->blgn", x, w["C"])
+        dts = jnp.einsum("bld,dh->blh", x, w["dt"])
+        return z, sharding.constrain(xs, ("batch", "seq", "heads", None)), b, c, dts
+
+    def convolve(self, xs, b, c, segment_ids):
+        """Step 2: causal conv + SiLU of x, B, C within segments."""
+        cv = self.conv1d
+        act = lambda u, name: jax.nn.silu(
+            causal_depthwise_conv(u, cv[name][...], cv[name + "_bias"][...], segment_ids))
+        return act(xs, "x"), act(b, "B"), act(c, "C")
+
+    def ssm_params(self):
+        """A (H,) fp32, D (H,), dt_bias (H,)."""
+        return -jnp.exp(self.A_log[...].astype(jnp.float32)), self.D[...], self.dt_bias[...]
+
+    def output(self, y, z):
+        """Steps 4-5: gated group norm, then out_proj -> (B, L, D)."""
+        dt = self.cfg.dtype
+        out = jnp.einsum("blhp,hpd->bld", self.norm(y, z).astype(dt), self.out_proj[...].astype(dt))
+        return sharding.constrain(out, ("batch", "seq", None))
+
+    def __call__(self, x: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        """x (B, L, D), segment_ids (B, L) int32 -> (B, L, D)."""
+        cfg = self.cfg
+        z, xs, b, c, dts = self.project(x)
+        xs, b, c = self.convolve(xs, b, c, segment_ids)
+        a, d_skip, dt_bias = self.ssm_params()
+        y = mamba2_ops.chunk_scan(
+            xs, dts, a, b, c, cfg.mamba_chunk, D=d_skip, dt_bias=dt_bias, seq_idx=segment_ids,
+            dt_softplus=True, dt_limit=cfg.mamba_dt_limit, impl=resolve_impl(cfg.kernel_impl))
+        return self.output(y, z)

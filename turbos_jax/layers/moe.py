@@ -1,0 +1,164 @@
+"""Mixture-of-Experts SwiGLU feed-forward: one shared expert plus top-k of E routed experts.
+
+TurboS: E = 32 routed experts, top-2, 1 shared expert, each of intermediate size F = 17,024.
+`y = shared(x) + sum_j gate_j * expert_{e_j}(x)`, with `expert(x) = (silu(x Wg) * (x Wu)) Wo`.
+
+Routing, per token (router math in float32):
+  1. logits = x @ W_router                       # [B, L, E]
+  2. probs = softmax(logits)                     # [B, L, E]
+  3. (top_p, ids) = top_k(probs, k)              # [B, L, K]
+  4. gates = top_p / sum_j top_p                 # [B, L, K], renormalised to sum to 1.
+     The report does not say whether the top-k probabilities are renormalised; we follow GShard's
+     top-2 gating, which does, so the routed part of the output keeps unit total weight whatever
+     the router's confidence (with k = 1 the gate is then always 1 and the router learns only from
+     the auxiliary losses).
+  5. Padding tokens (valid == False) are given the "no expert" id E: they take no expert capacity,
+     no grouped-matmul rows with work in them, and count in no statistic. Their routed output is 0
+     (the shared expert still runs on them, harmlessly).
+  6. Expert compute in cfg.dtype, by one of two modes:
+
+Capacity mode (cfg.capacity_factor > 0, TurboS training): groups are sequences (G = B, S = L) and
+every expert has C = cfg.capacity(L) = ceil(capacity_factor * L * k / E) slots per sequence.
+  a. Slots are claimed in token order, each token's choices first-to-last (`capacity_positions`).
+     Token-major order keeps the model causal: whether token t keeps a choice depends only on
+     tokens <= t. (GShard's order, all first choices before any second choice, lets a later
+     token's first choice evict an earlier token's second choice.)
+  b. A choice whose slot is >= C is dropped: it contributes nothing and its gate weight is NOT
+     re-spread over the token's other choices. Under overflow the latest tokens lose their
+     choices first. Documents packed into one sequence share its capacity.
+  c. tokens -> (G, E, C, D) buffers (scatter), experts as einsums over that buffer, gate-weighted
+     gather back to (G, S, D).
+
+Dropless mode (cfg.capacity_factor == 0): the B*L tokens are flattened, their T*k choices sorted by
+expert, rows permuted into expert order, three grouped matmuls (ragged_dot) and a gate-weighted
+unpermute. Nothing is dropped; padding choices sort after every expert and cost no FLOPs on backends
+whose ragged matmul skips rows beyond sum(group_sizes).
+
+Auxiliary statistics (fp32, unweighted; same keys in both modes so scanned layers can sum them),
+over valid tokens only, with f_e = fraction of (token, choice) assignments routed to e before any
+dropping (sum_e f_e = 1) and P_e = mean router probability of e:
+  moe_lb_loss           E * sum_e f_e * P_e (Switch/GShard load balance; 1 when perfectly uniform)
+  moe_z_loss            mean of logsumexp(logits)^2 (ST-MoE router z-loss)
+  moe_dropped_fraction  fraction of assignments dropped by capacity (0 in dropless mode)
+  moe_expert_load       (E,) f_e
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import pallas_kernels
+from pallas_kernels import moe as moe_ops
+from turbos_jax.config import ModelConfig
+from turbos_jax.sharding import constrain, param
+
+AUX_KEYS = ("moe_lb_loss", "moe_z_loss", "moe_dropped_fraction", "moe_expert_load")
+
+
+class MoEFFN(nnx.Module):
+    """Shared + routed SwiGLU experts: `__call__(x, valid=None) -> (y, aux)`, see the module doc."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, e, f = cfg.d_model, cfg.num_experts, cfg.expert_dim
+        init = nnx.initializers.truncated_normal(stddev=cfg.init_std)
+        pd = cfg.param_dtype
+        self.router = param(init, rngs.params(), (d, e), ("embed", None), pd)
+        self.wi_gate = param(init, rngs.params(), (e, d, f), ("expert", "embed", "mlp"), pd)
+        self.wi_up = param(init, rngs.params(), (e, d, f), ("expert", "embed", "mlp"), pd)
+        self.wo = param(init, rngs.params(), (e, f, d), ("expert", "mlp", "embed"), pd)
+        if cfg.num_shared_experts > 0:
+            fs = cfg.num_shared_experts * f
+            self.shared_gate = param(init, rngs.params(), (d, fs), ("embed", "mlp"), pd)
+            self.shared_up = param(init, rngs.params(), (d, fs), ("embed", "mlp"), pd)
+            self.shared_down = param(init, rngs.params(), (fs, d), ("mlp", "embed"), pd)
+
+    # ------------------------------------------------------------------------------------- routing
+    def route(self, x: jax.Array, valid: jax.Array):
+        """Router in fp32 -> (ids [B, L, K] with E for padding, gates [B, L, K] fp32, aux)."""
+        cfg = self.cfg
+        e, k = cfg.num_experts, cfg.top_k
+        logits = jnp.einsum(
+            "bld,de->ble", x.astype(jnp.float32), self.router[...].astype(jnp.float32),
+            precision=jax.lax.Precision.HIGHEST,
+        )  # [B, L, E]
+        probs = jax.nn.softmax(logits, axis=-1)  # [B, L, E]
+        top_p, ids = jax.lax.top_k(probs, k)  # [B, L, K]
+        gates = top_p / jnp.sum(top_p, axis=-1, keepdims=True)  # [B, L, K]
+        gates = jnp.where(valid[..., None], gates, 0.0)
+        ids = jnp.where(valid[..., None], ids, e).astype(jnp.int32)  # E = "no expert"
+
+        vmask = valid.astype(jnp.float32)  # [B, L]
+        n_valid = jnp.maximum(jnp.sum(vmask), 1.0)
+        # One-hot of the out-of-range padding id is all-zero, so padding never counts in f_e.
+        load = jnp.sum(jax.nn.one_hot(ids, e, dtype=jnp.float32), axis=(0, 1, 2)) / (n_valid * k)
+        mean_prob = jnp.einsum("ble,bl->e", probs, vmask) / n_valid  # [E]
+        z = jax.nn.logsumexp(logits, axis=-1)  # [B, L]
+        aux = {
+            "moe_lb_loss": e * jnp.sum(load * mean_prob),
+            "moe_z_loss": jnp.sum(jnp.square(z) * vmask) / n_valid,
+            "moe_expert_load": load,
+        }
+        return ids, gates, aux, n_valid
+
+    # ------------------------------------------------------------------------------------- experts
+    def _shared(self, x: jax.Array) -> jax.Array:
+        dt = self.cfg.dtype
+        h = jax.nn.silu(x @ self.shared_gate[...].astype(dt)) * (x @ self.shared_up[...].astype(dt))
+        h = constrain(h, ("batch", "seq", "mlp"))
+        return h @ self.shared_down[...].astype(dt)
+
+    def _capacity(self, x, ids, gates, valid, n_valid, impl):
+        cfg = self.cfg
+        b, l, _ = x.shape
+        e, dt = cfg.num_experts, cfg.dtype
+        c = cfg.capacity(l)
+        pos = moe_ops.capacity_positions(ids, e)  # [G, S, K]
+        kept = (pos >= 0) & (pos < c)  # [G, S, K]
+        n_dropped = jnp.sum((~kept & valid[..., None]).astype(jnp.float32))
+        dropped = n_dropped / (n_valid * cfg.top_k)
+
+        xe = moe_ops.capacity_dispatch(x, ids, pos, c, e, impl=impl)  # [G, E, C, D]
+        xe = constrain(xe, ("batch", "expert", None, None))
+        hg = jnp.einsum("gecd,edf->gecf", xe, self.wi_gate[...].astype(dt))  # [G, E, C, F]
+        hu = jnp.einsum("gecd,edf->gecf", xe, self.wi_up[...].astype(dt))  # [G, E, C, F]
+        h = constrain(jax.nn.silu(hg) * hu, ("batch", "expert", None, "mlp"))
+        ye = jnp.einsum("gecf,efd->gecd", h, self.wo[...].astype(dt))  # [G, E, C, D]
+        ye = constrain(ye, ("batch", "expert", None, None))
+        y = moe_ops.capacity_combine(ye, ids, pos, gates, c, impl=impl)  # [G, S, D]
+        return y, dropped
+
+    def _dropless(self, x, ids, gates, impl):
+        cfg = self.cfg
+        b, l, d = x.shape
+        k, e, dt = cfg.top_k, cfg.num_experts, cfg.dtype
+        xt = x.reshape(b * l, d)  # [T, D]
+        order, sizes = moe_ops.sort_by_expert(ids.reshape(b * l, k), e)  # [T*K], [E]
+        xs = moe_ops.permute(xt, order, k, impl=impl)  # [T*K, D]
+        hg = moe_ops.grouped_matmul(xs, self.wi_gate[...].astype(dt), sizes, impl=impl)
+        hu = moe_ops.grouped_matmul(xs, self.wi_up[...].astype(dt), sizes, impl=impl)
+        h = jax.nn.silu(hg) * hu  # [T*K, F]
+        ys = moe_ops.grouped_matmul(h, self.wo[...].astype(dt), sizes, impl=impl)  # [T*K, D]
+        y = moe_ops.unpermute(ys, order, gates.reshape(b * l, k), impl=impl)  # [T, D]
+        return y.reshape(b, l, d)
+
+    # ------------------------------------------------------------------------------------- forward
+    def __call__(self, x: jax.Array, valid: jax.Array | None = None):
+        cfg = self.cfg
+        b, l, _ = x.shape
+        x = constrain(x.astype(cfg.dtype), ("batch", "seq", None))
+        valid = jnp.ones((b, l), bool) if valid is None else valid.astype(bool)
+        impl = pallas_kernels.resolve_impl(cfg.kernel_impl)
+
+        ids, gates, aux, n_valid = self.route(x, valid)
+        if cfg.capacity_factor > 0:
+            y, dropped = self._capacity(x, ids, gates, valid, n_valid, impl)
+        else:
+            y, dropped = self._dropless(x, ids, gates, impl), jnp.zeros((), jnp.float32)
+        aux["moe_dropped_fraction"] = dropped
+        if cfg.num_shared_experts > 0:
+            y = y + self._shared(x)
+        y = constrain(y.astype(cfg.dtype), ("batch", "seq", None))
+        return y, {key: aux[key].astype(jnp.float32) for key in AUX_KEYS}
