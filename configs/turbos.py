@@ -16,6 +16,38 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
 
+    # --- run
+    config.seed = 0  # parameter init and data order both derive from it
+    config.total_steps = 1_800_000  # optimizer steps (16T tokens / ~9M tokens per step)
+    config.batch_size = 2240  # global sequences per step: 2240 x 4096 = ~9.2M tokens
+    config.seq_len = 4096  # packed sequence length (4K pre-training)
+    config.log_every_steps = 10  # metrics.jsonl / TensorBoard / console cadence
+    config.eval_every_steps = 2000  # held-out loss cadence (0 = never)
+    config.eval_batches = 8  # batches per evaluation
+    config.checkpoint_every_steps = 1000  # Orbax save cadence (also saved on SIGTERM and at the end)
+    config.keep_checkpoints = 3  # newest complete checkpoints kept
+    config.on_nonfinite = "stop"  # non-finite loss: "stop" (last good checkpoint kept) or "skip"
+
+    # --- data (turbos_jax/data): sources, tokenizer, mixture phases
+    d = config.data = ml_collections.ConfigDict()
+    d.sources = {"embedded": "embedded"}  # name -> file, glob or "embedded" (bundled corpus)
+    d.text_key = "text"  # record field holding the text (JSONL, Parquet, ArrayRecord of JSON)
+    d.tokenizer = "bytes"  # "bytes", or a path to a SentencePiece .model / HF tokenizer.json
+    d.mixture = ((0, {"embedded": 1.0}),)  # (first_step, {source: weight}) phases, by step
+    d.eval_fraction = 0.01  # share of each source's documents held out for evaluation
+    d.worker_count = 0  # grain worker processes per host (0 = in-process)
+
+    # --- optimizer (turbos_jax/optim.py): AdamW with chained LR phases
+    o = config.optim = ml_collections.ConfigDict()
+    # (kind, steps, end_lr) phases: warmup (linear from 0), cosine, anneal (fast cosine),
+    # constant; each starts where the previous ended.
+    o.schedule = (("warmup", 2000, 3e-4), ("cosine", 1_700_000, 3e-5), ("anneal", 98_000, 5e-6))
+    o.b1 = 0.9  # AdamW beta1
+    o.b2 = 0.95  # AdamW beta2
+    o.eps = 1e-8  # AdamW epsilon
+    o.weight_decay = 0.1  # decoupled; not applied to norms, biases, A_log, D, dt_bias, embeddings
+    o.grad_clip = 1.0  # global-norm clipping threshold
+
     m = config.model = ml_collections.ConfigDict()
     # --- layout and sizes
     m.layout = ("AF" + "MF" * 8) * 7 + "MF"  # A attention, M Mamba2, F MoE FFN; one symbol per layer
