@@ -1,8 +1,9 @@
 """Tiny TurboS for CPU: the quickstart default. Same layer family (A, M, F), a few of each.
 
-    python -m turbos_jax.summary --config=configs/tiny.py
+    python -m turbos_jax.train --config=configs/tiny.py --workdir=/tmp/turbos-tiny
 
-Expected hardware: 2 CPU cores; a training step takes well under a second.
+Expected hardware: 2 CPU cores; ~20 s to compile, ~0.3 s per step, ~2 minutes for 300 steps on
+the bundled corpus (byte-level tokens; see turbos_jax/data). Loss falls from ~5.5 to below 3.
 """
 
 from configs import turbos
@@ -10,6 +11,14 @@ from configs import turbos
 
 def get_config():
     config = turbos.get_config()
+    config.total_steps = 300
+    config.batch_size = 8
+    config.seq_len = 128
+    config.log_every_steps = 10
+    config.eval_every_steps = 100
+    config.eval_batches = 4
+    config.checkpoint_every_steps = 100
+    config.optim.schedule = (("warmup", 20, 3e-3), ("cosine", 280, 3e-4))
     m = config.model
     m.layout = ("AF" + "MF" * 2) * 2  # 2 A, 4 M, 6 F = 12 layers; period "AFMFMF" x2
     m.vocab_size = 256  # byte-level tokenizer

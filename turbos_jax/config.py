@@ -187,3 +187,25 @@ class ModelConfig:
             fail("kernel_impl", f"expected one of {KERNEL_IMPLS}")
         if not isinstance(self.scan_layers, bool):
             fail("scan_layers", "expected True or False")
+
+
+def check_train_config(config) -> None:
+    """Validates the run keys of a training config (model, data and optim check their own)."""
+
+    def fail(key, msg):
+        raise ConfigError(f"config.{key}={config[key]!r}: {msg}")
+
+    for key in ("seed", "total_steps", "batch_size", "seq_len", "log_every_steps",
+                "eval_every_steps", "eval_batches", "checkpoint_every_steps", "keep_checkpoints",
+                "on_nonfinite"):
+        if key not in config:
+            raise ConfigError(f"config.{key}: required key is missing")
+    for key in ("total_steps", "batch_size", "seq_len", "log_every_steps",
+                "checkpoint_every_steps", "keep_checkpoints"):
+        if not isinstance(config[key], int) or config[key] <= 0:
+            fail(key, "must be a positive integer")
+    for key in ("eval_every_steps", "eval_batches"):
+        if not isinstance(config[key], int) or config[key] < 0:
+            fail(key, "must be an integer >= 0")
+    if config.on_nonfinite not in ("stop", "skip"):
+        fail("on_nonfinite", "expected 'stop' or 'skip'")

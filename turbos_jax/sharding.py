@@ -131,6 +131,15 @@ def named_shardings(state: nnx.State, mesh: jax.sharding.Mesh, rules=PARAM_RULES
     )
 
 
+def sharded_abstract(abstract, mesh: jax.sharding.Mesh, rules=PARAM_RULES):
+    """An abstract tree (ShapeDtypeStructs, possibly inside Variables) with shardings attached:
+    the restore target for Orbax and the template for `jit(..., out_shardings=...)`."""
+    with_sharding = lambda sh, sub: jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), sub)
+    return jax.tree.map(with_sharding, named_shardings(abstract, mesh, rules), abstract,
+                        is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+
+
 def activation_spec(names: Names) -> PartitionSpec:
     return _resolve(_check_names(names), ACTIVATION_RULES)
 

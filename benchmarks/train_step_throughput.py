@@ -1,0 +1,481 @@
+"""Steady-state training throughput on CPU: turbos-jax vs. a PyTorch model of the same family.
+
+    python benchmarks/train_step_throughput.py --config=configs/tiny.py
+    python benchmarks/train_step_throughput.py --config=configs/tiny.py --json
+    python benchmarks/train_step_throughput.py --config=configs/small.py --batch_size=2 \
+        --torch_experts=eager,grouped_mm
+
+What is timed, per implementation (same batch every step, random tokens, fp32, no packing):
+
+  turbos-jax  one `jax.jit` step: value_and_grad of next-token cross-entropy + the model's MoE aux
+              loss, global-norm clipping (1.0), optax AdamW (b1 0.9, b2 0.95, wd 0.1); parameters
+              and optimizer state donated. Compile time is the `lower().compile()` time.
+  pytorch     HF transformers' NemotronHForCausalLM (Mamba2 + attention + MoE, selected per layer),
+              built with the shapes of `config.model` (see `nemotron_h_config`), random init,
+              `torch.set_num_threads(--torch_threads)`: forward, cross-entropy, backward,
+              `clip_grad_norm_(1.0)`, `torch.optim.AdamW` (same hyper-parameters). Without the
+              CUDA mamba_ssm / causal_conv1d kernels HF runs its pure-torch Mamba2 path.
+              Warm-up is the time of the first `--warmup` steps.
+
+Each implementation runs `--warmup` untimed steps, then `--windows` windows of `--steps` steps; a
+window's time is taken after `jax.block_until_ready` (torch on CPU is synchronous) and the reported
+step time is the median over windows (min and max are in --json). tokens/s = batch * seq_len / step.
+
+Shapes of the PyTorch model (layer symbol A -> "full_attention" "*", M -> "linear_attention" "M",
+F -> "moe" "E"): everything is copied from the config except where NemotronH differs by design:
+  * experts (routed and shared) are non-gated `down(relu2(up x))` MLPs, ours SwiGLU
+    `down(silu(gate x) * up x)`. --torch_expert_width=matched (default) gives them intermediate
+    size 3/2 * expert_dim, which matches our parameter count and FLOPs per expert exactly;
+    =same uses expert_dim (2/3 of our expert weights and FLOPs); =both runs both.
+  * NemotronH attention has no RoPE and no QK-norm (ours: 2 * head_dim norm scales per layer).
+  * NemotronH's router is sigmoid + top-k (renormalised), ours softmax + top-k (renormalised); HF's
+    forward computes no load-balancing / z-loss, ours adds both to the loss.
+  * our MoE runs in capacity mode (capacity_factor 1.5 -> expert buffers 1.5x the routed tokens,
+    padded slots are computed) when capacity_factor > 0; HF computes exactly the routed tokens.
+
+--breakdown adds a turbos-jax profile: forward, forward+backward and the full step, then
+forward+backward of one layer of each kind (A, M, F) and of the LM head + cross-entropy at the
+benchmark's (batch, seq_len, d_model), and XLA's cost analysis of the step.
+
+torch / transformers are optional: without them only turbos-jax is measured (with a note).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)  # config files import `configs.turbos`; the default is parsed here
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(REPO, "configs", "tiny.py"), "Training config (model keys, batch, seq).")
+_BATCH = flags.DEFINE_integer("batch_size", None, "Sequences per step (default: from the config).")
+_SEQ = flags.DEFINE_integer("seq_len", None, "Tokens per sequence (default: config.seq_len).")
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps before the timing windows.")
+_STEPS = flags.DEFINE_integer("steps", 5, "Steps per timing window.")
+_WINDOWS = flags.DEFINE_integer("windows", 5, "Timing windows; the median window is reported.")
+_IMPLS = flags.DEFINE_list("impls", ["jax", "torch"], "Implementations to run: jax, torch.")
+_TORCH_THREADS = flags.DEFINE_integer("torch_threads", 2, "torch.set_num_threads.")
+_TORCH_WIDTH = flags.DEFINE_enum(
+    "torch_expert_width", "matched", ["matched", "same", "both"],
+    "NemotronH expert intermediate size: matched = 3/2 * expert_dim (same params and FLOPs as our "
+    "SwiGLU experts), same = expert_dim, both = run both.")
+_TORCH_EXPERTS = flags.DEFINE_list(
+    "torch_experts", ["default"], "HF experts_implementation(s) to run, one row each: default "
+    "(HF's choice for this machine), eager, grouped_mm, batched_mm.")
+_LR = flags.DEFINE_float("learning_rate", 3e-4, "Constant learning rate (both implementations).")
+_SEED = flags.DEFINE_integer("seed", 0, "Init and data seed.")
+_BREAKDOWN = flags.DEFINE_bool("breakdown", False, "Also profile where turbos-jax's step goes.")
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
+_WORKER = flags.DEFINE_string("worker", "", "Internal: run one implementation in this process "
+                              "(jax, or torch:<width mode>:<experts>) and print its result.")
+RESULT_TAG = "@@result "
+
+# Optimizer hyper-parameters shared by both implementations (the issue's training setup).
+B1, B2, EPS, WEIGHT_DECAY, CLIP = 0.9, 0.95, 1e-8, 0.1, 1.0
+NEMOTRON_LAYER = {"A": "full_attention", "M": "linear_attention", "F": "moe"}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def time_windows(step, warmup: int, steps: int, windows: int):
+    """Runs `step()` warmup times, then `windows` x `steps` times. `step` must block until its work
+    is done. Returns (warm-up seconds, per-step seconds of each window)."""
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    warm = time.perf_counter() - t0
+    per_step = []
+    for _ in range(windows):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        per_step.append((time.perf_counter() - t0) / steps)
+    return warm, per_step
+
+
+def summarize_times(per_step, tokens: int) -> dict:
+    med = statistics.median(per_step)
+    return {"step_ms": 1e3 * med, "step_ms_min": 1e3 * min(per_step),
+            "step_ms_max": 1e3 * max(per_step), "tokens_per_s": tokens / med,
+            "windows_ms": [1e3 * t for t in per_step]}
+
+
+# ================================================================================== turbos-jax
+def run_jax(config, batch: int, seq: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+    from flax import nnx
+
+    from turbos_jax import accounting
+    from turbos_jax.config import ModelConfig
+    from turbos_jax.model import init_model
+
+    cfg = ModelConfig.from_config(config.model)
+    graphdef, params = init_model(cfg, _SEED.value)
+    tx = optax.chain(optax.clip_by_global_norm(CLIP),
+                     optax.adamw(_LR.value, b1=B1, b2=B2, eps=EPS, weight_decay=WEIGHT_DECAY))
+    opt_state = jax.jit(tx.init)(params)
+    rng = np.random.default_rng(_SEED.value)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, seq + 1)), jnp.int32)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+
+    def loss_fn(p, inputs, targets):
+        logits, aux = nnx.merge(graphdef, p)(inputs)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+        return ce + aux["aux_loss"], ce
+
+    def train_step(p, o, inputs, targets):
+        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, inputs, targets)
+        updates, o = tx.update(grads, o, p)
+        return optax.apply_updates(p, updates), o, loss
+
+    t0 = time.perf_counter()
+    compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(
+        params, opt_state, inputs, targets).compile()
+    compile_s = time.perf_counter() - t0
+
+    state = {"p": params, "o": opt_state}
+
+    def step():
+        state["p"], state["o"], loss = compiled(state["p"], state["o"], inputs, targets)
+        jax.block_until_ready((state["p"], state["o"], loss))
+        state["loss"] = loss
+
+    warm, per_step = time_windows(step, _WARMUP.value, _STEPS.value, _WINDOWS.value)
+    counts = accounting.count_params(cfg)
+    moe = f"capacity {cfg.capacity_factor:g}" if cfg.capacity_factor else "dropless"
+    flops = accounting.training_flops_per_token(cfg, seq, counts)["total"]
+    out = {
+        "implementation": "turbos-jax",
+        "detail": f"jax {jax.__version__}, {jax.devices()[0].platform}, jit + donate, MoE {moe}",
+        "params_total": counts.total,
+        "params_active": counts.active,
+        "compile_s": compile_s,
+        "warmup_s": warm,
+        "final_loss": float(state["loss"]),
+        "model_flops_per_token": flops,
+        **summarize_times(per_step, batch * seq),
+    }
+    out["model_gflops_per_s"] = flops * out["tokens_per_s"] / 1e9
+    if _BREAKDOWN.value:
+        out["breakdown"] = jax_breakdown(cfg, graphdef, state["p"], inputs, targets, compiled)
+    return out
+
+
+def jax_breakdown(cfg, graphdef, params, inputs, targets, compiled_step) -> dict:
+    """Where a turbos-jax step goes: forward / backward / optimizer, then per layer kind."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from turbos_jax.model import Block
+
+    b, l = inputs.shape
+    reps, nsteps = 3, _STEPS.value
+
+    def bench(fn, *args):
+        jax.block_until_ready(fn(*args))  # compile + one run
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            for _ in range(nsteps):
+                jax.block_until_ready(fn(*args))
+            times.append((time.perf_counter() - t0) / nsteps)
+        return 1e3 * statistics.median(times)
+
+    def loss_fn(p, inputs, targets):
+        logits, aux = nnx.merge(graphdef, p)(inputs)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean() \
+            + aux["aux_loss"]
+
+    res = {"forward_ms": bench(jax.jit(loss_fn), params, inputs, targets),
+           "forward_backward_ms": bench(jax.jit(jax.grad(loss_fn)), params, inputs, targets)}
+
+    # One layer of each kind, forward + backward w.r.t. its parameters and input.
+    key = jax.random.PRNGKey(1)
+    x = jax.random.normal(key, (b, l, cfg.d_model), cfg.dtype)
+    seg = jnp.ones((b, l), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+    layers = {}
+    for sym in sorted(set(cfg.layout)):
+        gd, st = nnx.split(Block(sym, cfg, rngs=nnx.Rngs(0)))
+
+        def block_loss(st, x, gd=gd):
+            y, aux = nnx.merge(gd, st)(x, seg, pos)
+            return jnp.sum(y.astype(jnp.float32) ** 2) + sum(jnp.sum(v) for v in aux.values())
+
+        layers[sym] = {
+            "count": cfg.layout.count(sym),
+            "forward_ms": bench(jax.jit(block_loss), st, x),
+            "forward_backward_ms": bench(jax.jit(jax.grad(block_loss, argnums=(0, 1))), st, x),
+        }
+
+    def head_loss(p, x):
+        m = nnx.merge(graphdef, p)
+        logits = m.lm_head(m.final_norm(x))
+        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+    emb_head = bench(jax.jit(jax.grad(head_loss, argnums=(0, 1))), params, x)
+    res["layers"] = layers
+    res["lm_head_ce_forward_backward_ms"] = emb_head
+    res["sum_of_layers_forward_backward_ms"] = sum(
+        v["count"] * v["forward_backward_ms"] for v in layers.values()) + emb_head
+    cost = compiled_step.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    if cost:
+        res["xla_cost_analysis"] = {k: float(cost[k]) for k in ("flops", "bytes accessed",
+                                                                 "transcendentals") if k in cost}
+    return res
+
+
+# ================================================================================== PyTorch
+def nemotron_h_config(model_cfg, seq: int, expert_width: int):
+    """A NemotronHConfig with the shapes of our `config.model` (see the module docstring)."""
+    from transformers import NemotronHConfig
+
+    m = model_cfg
+    d_inner = m.mamba_heads * m.mamba_head_dim
+    if m.num_shared_experts == 0:
+        raise ValueError("NemotronH always has a shared expert; num_shared_experts=0 has no match")
+    return NemotronHConfig(
+        vocab_size=m.vocab_size,
+        hidden_size=m.d_model,
+        layers_block_type=[NEMOTRON_LAYER[s] for s in m.layout],
+        tie_word_embeddings=False,
+        use_cache=False,
+        num_attention_heads=m.num_heads,
+        num_key_value_heads=m.num_kv_heads,
+        head_dim=m.head_dim,
+        max_position_embeddings=max(seq, 4096),
+        mamba_num_heads=m.mamba_heads,
+        mamba_head_dim=m.mamba_head_dim,
+        n_groups=m.mamba_groups,
+        ssm_state_size=m.mamba_d_state,
+        chunk_size=m.mamba_chunk,
+        conv_kernel=m.mamba_conv,
+        expand=max(1, d_inner // m.d_model),  # unused by the model: d_inner = heads * head_dim
+        time_step_limit=tuple(m.mamba_dt_limit),
+        n_routed_experts=m.num_experts,
+        num_experts_per_tok=m.top_k,
+        n_shared_experts=m.num_shared_experts,
+        moe_intermediate_size=expert_width,
+        moe_shared_expert_intermediate_size=m.num_shared_experts * expert_width,
+        n_group=1,
+        topk_group=1,
+        norm_topk_prob=True,
+        layer_norm_epsilon=m.norm_eps,
+        initializer_range=m.init_std,
+    )
+
+
+def run_torch(config, batch: int, seq: int, width_mode: str, experts: str) -> dict:
+    import numpy as np
+    import torch
+    import transformers
+    from transformers import NemotronHForCausalLM
+
+    from turbos_jax.config import ModelConfig
+
+    cfg = ModelConfig.from_config(config.model)
+    if np.dtype(cfg.dtype) != np.float32:
+        log(f"note: config.model.dtype={cfg.dtype}; the PyTorch model always runs in fp32")
+    torch.set_num_threads(_TORCH_THREADS.value)
+    torch.manual_seed(_SEED.value)
+    width = cfg.expert_dim * 3 // 2 if width_mode == "matched" else cfg.expert_dim
+    hf_cfg = nemotron_h_config(cfg, seq, width)
+    kwargs = {} if experts == "default" else {"experts_implementation": experts}
+    model = NemotronHForCausalLM._from_config(hf_cfg, dtype=torch.float32, **kwargs)
+    model.train()
+    used = model.config._experts_implementation
+    opt = torch.optim.AdamW(model.parameters(), lr=_LR.value, betas=(B1, B2), eps=EPS,
+                            weight_decay=WEIGHT_DECAY)
+    gen = torch.Generator().manual_seed(_SEED.value)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=gen)
+    inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    state = {}
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        logits = model(input_ids=inputs, use_cache=False).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                 targets.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        opt.step()
+        state["loss"] = loss.detach()
+
+    warm, per_step = time_windows(step, _WARMUP.value, _STEPS.value, _WINDOWS.value)
+    total = sum(p.numel() for p in model.parameters())
+    routed = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    mamba_kernels = importlib.util.find_spec("mamba_ssm") is not None
+    default = " = HF default" if experts == "default" else ""
+    return {
+        "implementation": f"PyTorch NemotronH (experts {used}{default}, width {width})",
+        "detail": f"torch {torch.__version__}, transformers {transformers.__version__}, "
+                  f"{_TORCH_THREADS.value} threads, attn {model.config._attn_implementation}, "
+                  f"experts {model.config._experts_implementation}, "
+                  f"mamba {'mamba_ssm kernels' if mamba_kernels else 'pure-torch fallback'}",
+        "expert_width": width,
+        "params_total": total,
+        "params_active": total - routed + routed * cfg.top_k // cfg.num_experts,
+        "compile_s": None,
+        "warmup_s": warm,
+        "final_loss": float(state["loss"]),
+        **summarize_times(per_step, batch * seq),
+    }
+
+
+# ================================================================================== report
+def machine() -> dict:
+    model = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "load_average": list(os.getloadavg()),
+            "python": platform.python_version()}
+
+
+def table(results: list[dict]) -> str:
+    jax_row = next((r for r in results if r["implementation"] == "turbos-jax"), None)
+    head = ("implementation", "params", "active", "tokens/s", "step ms", "compile/warm-up s",
+            "turbos-jax / this")
+    rows = []
+    for r in results:
+        warm = (f"{r['compile_s']:.1f} compile + {r['warmup_s']:.1f} warm-up"
+                if r["compile_s"] is not None else f"{r['warmup_s']:.1f} warm-up")
+        ratio = (f"{jax_row['tokens_per_s'] / r['tokens_per_s']:.2f}x"
+                 if jax_row is not None and r is not jax_row else "-")
+        rows.append((r["implementation"], f"{r['params_total']:,}", f"{r['params_active']:,}",
+                     f"{r['tokens_per_s']:,.0f}", f"{r['step_ms']:.1f}", warm, ratio))
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths,
+                                                                           strict=True)) + " |"
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(head), sep] + [line(r) for r in rows])
+
+
+def breakdown_text(bd: dict) -> str:
+    lines = [f"turbos-jax breakdown: forward {bd['forward_ms']:.1f} ms, forward+backward "
+             f"{bd['forward_backward_ms']:.1f} ms (full step in the table adds clip + AdamW)"]
+    for sym, v in bd["layers"].items():
+        lines.append(f"  layer {sym} x{v['count']}: forward {v['forward_ms']:.2f} ms, "
+                     f"forward+backward {v['forward_backward_ms']:.2f} ms each, "
+                     f"{v['count'] * v['forward_backward_ms']:.1f} ms in all")
+    lines.append(f"  final norm + LM head + CE, forward+backward: "
+                 f"{bd['lm_head_ce_forward_backward_ms']:.2f} ms")
+    lines.append(f"  sum of isolated pieces: {bd['sum_of_layers_forward_backward_ms']:.1f} ms")
+    if "xla_cost_analysis" in bd:
+        c = bd["xla_cost_analysis"]
+        lines.append("  XLA cost analysis of the step: " + ", ".join(
+            f"{k} {v:.3g}" for k, v in c.items()))
+    return "\n".join(lines)
+
+
+def torch_jobs() -> tuple[list[str], list[str]]:
+    """Worker names for the PyTorch runs, plus notes when they cannot run."""
+    missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+    if missing:
+        return [], [f"PyTorch baseline skipped: {', '.join(missing)} not installed "
+                    "(pip install torch transformers); only turbos-jax was measured"]
+    import transformers
+
+    if not hasattr(transformers, "NemotronHForCausalLM"):
+        return [], [f"PyTorch baseline skipped: transformers {transformers.__version__} has no "
+                    "NemotronH (needs transformers >= 4.55)"]
+    modes = ["matched", "same"] if _TORCH_WIDTH.value == "both" else [_TORCH_WIDTH.value]
+    return [f"torch:{m}:{e}" for m in modes for e in _TORCH_EXPERTS.value], []
+
+
+def run_worker(job: str, config, batch: int, seq: int) -> dict:
+    before = os.getloadavg()[0]
+    if job == "jax":
+        out = run_jax(config, batch, seq)
+    else:
+        _, mode, experts = job.split(":")
+        out = run_torch(config, batch, seq, mode, experts)
+    out["load_average_1min"] = [before, os.getloadavg()[0]]  # at the start and end of the run
+    return out
+
+
+def spawn(job: str) -> dict:
+    """Runs one implementation in a fresh interpreter (JAX's and torch's thread pools in one
+    process slow each other down) and returns its result dict."""
+    cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], f"--worker={job}"]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
+    for line in proc.stdout.splitlines():
+        if line.startswith(RESULT_TAG):
+            return json.loads(line[len(RESULT_TAG):])
+    raise RuntimeError(f"worker {job!r} failed with exit code {proc.returncode}")
+
+
+def main(argv):
+    del argv
+    config = _CONFIG.value
+    batch = _BATCH.value or config.batch_size
+    seq = _SEQ.value or config.seq_len
+    if _WORKER.value:
+        print(RESULT_TAG + json.dumps(run_worker(_WORKER.value, config, batch, seq)), flush=True)
+        return
+
+    jobs, notes = (["jax"] if "jax" in _IMPLS.value else []), []
+    if "torch" in _IMPLS.value:
+        more, notes = torch_jobs()
+        jobs += more
+    results = []
+    for job in jobs:
+        log(f"--- {job}: batch {batch} x seq {seq} (load average {os.getloadavg()[0]:.2f})")
+        results.append(spawn(job))
+    jax_row = next((r for r in results if r["implementation"] == "turbos-jax"), None)
+    for r in results:
+        if jax_row is not None and r is not jax_row:
+            r["turbos_jax_speedup"] = jax_row["tokens_per_s"] / r["tokens_per_s"]
+    report = {
+        "config": os.path.relpath(config_flags.get_config_filename(flags.FLAGS["config"]), REPO),
+        "command": " ".join(["python", os.path.relpath(__file__, REPO), *sys.argv[1:]]),
+        "batch_size": batch, "seq_len": seq, "tokens_per_step": batch * seq,
+        "warmup": _WARMUP.value, "steps_per_window": _STEPS.value, "windows": _WINDOWS.value,
+        "machine": machine(), "results": results, "notes": notes,
+    }
+    if _JSON.value:
+        print(json.dumps(report, indent=2))
+        return
+    m = report["machine"]
+    print(f"{m['cpu']}, {m['cores']} cores; load average {m['load_average'][0]:.2f} "
+          f"{m['load_average'][1]:.2f} {m['load_average'][2]:.2f} (1, 5, 15 min) at the end")
+    print(f"{report['config']}: batch {batch} x seq_len {seq} = {batch * seq} tokens/step; median "
+          f"of {_WINDOWS.value} windows x {_STEPS.value} steps after {_WARMUP.value} warm-up steps")
+    print(table(results))
+    for r in results:
+        lo, hi = r["load_average_1min"]
+        print(f"  {r['implementation']}: {r['detail']}; final loss {r['final_loss']:.3f}; "
+              f"1-min load {lo:.2f} -> {hi:.2f}")
+    for note in notes:
+        print(f"note: {note}")
+    if jax_row is not None and "breakdown" in jax_row:
+        print(breakdown_text(jax_row["breakdown"]))
+
+
+if __name__ == "__main__":
+    app.run(main)

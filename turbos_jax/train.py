@@ -1,0 +1,234 @@
+r"""Trains TurboS: `python -m turbos_jax.train --config=configs/tiny.py --workdir=/tmp/tiny`.
+
+One linear function, `train_and_evaluate(config, workdir)`, in banner sections:
+mesh -> data -> abstract model and optimizer -> sharded init -> restore -> step functions -> loop.
+Rerunning the same command resumes from the newest readable checkpoint in WORKDIR/checkpoints.
+
+Outputs in WORKDIR: `config.json`, `metrics.jsonl` (one JSON object per logged step), TensorBoard
+event files, `checkpoints/<step>/`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags, logging
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from ml_collections import config_flags
+
+from turbos_jax import accounting, metrics, optim, sharding
+from turbos_jax.checkpointing import Checkpointer
+from turbos_jax.config import ConfigError, ModelConfig, check_train_config
+from turbos_jax.data import DataError, make_eval_iterator, make_train_iterator
+from turbos_jax.model import TurbosModel
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or gradient norm became NaN/inf and config.on_nonfinite == "stop"."""
+
+
+def make_mesh() -> jax.sharding.Mesh:
+    """All devices on `data` (data parallel + FSDP); the other axes have size 1."""
+    return jax.make_mesh((jax.device_count(), 1, 1, 1), sharding.MESH_AXES,
+                         axis_types=(jax.sharding.AxisType.Auto,) * 4)
+
+
+def loss_fn(params, graphdef, batch):
+    """Next-token cross-entropy over loss_mask (no loss across documents) + weighted MoE losses."""
+    logits, aux = nnx.merge(graphdef, params)(batch["inputs"], batch["segment_ids"],
+                                              batch["positions"])
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    mask = batch["loss_mask"].astype(jnp.float32)
+    ce = jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    return ce + aux["aux_loss"], (ce, aux)
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Runs (or resumes) training; returns the last logged metrics."""
+    # ============================================================================ config
+    model_cfg = ModelConfig.from_config(config.model)
+    check_train_config(config)
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+    # ============================================================================ mesh
+    mesh = make_mesh()
+    batch_sharding = NamedSharding(mesh, P(("data", "expert")))
+    if config.batch_size % mesh.shape["data"]:
+        raise ConfigError(f"config.batch_size={config.batch_size}: must be divisible by the "
+                          f"{mesh.shape['data']} devices of the data axis")
+
+    # ============================================================================ data
+    train_iter = make_train_iterator(config)
+    tokens_per_step = config.batch_size * config.seq_len
+
+    def to_global(local):
+        return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(local[k]))
+                for k in BATCH_KEYS}
+
+    # ============================================================================ abstract model, optimizer
+    tx = optim.make_optimizer(config.optim)
+    schedule = optim.make_schedule(config.optim.schedule)
+    make_model = lambda: TurbosModel(model_cfg, rngs=nnx.Rngs(config.seed))
+    graphdef, abstract_params = nnx.split(nnx.eval_shape(make_model))
+
+    def init_state():
+        params = nnx.split(make_model())[1]
+        return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+    abstract_state = jax.eval_shape(init_state)
+    state_shardings = sharding.named_shardings(abstract_state, mesh)
+
+    # ============================================================================ sharded init / restore
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
+    with jax.set_mesh(mesh):
+        abstract_target = sharding.sharded_abstract(abstract_state, mesh)
+        start_step, state = ckpt.restore_latest(abstract_target, train_iter)
+        if state is None:
+            start_step = 0
+            state = jax.jit(init_state, out_shardings=state_shardings)()
+        else:
+            logging.info("resumed from step %d", start_step)
+            print(f"resuming from checkpoint step {start_step}", flush=True)
+
+    # ============================================================================ step functions
+    flops_per_token = accounting.training_flops_per_token(model_cfg, config.seq_len)["total"]
+    skip_nonfinite = config.on_nonfinite == "skip"
+
+    def train_step(state, batch):
+        batch = {k: jax.lax.with_sharding_constraint(v, batch_sharding) for k, v in batch.items()}
+        (loss, (ce, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"], graphdef, batch)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        # A non-finite step never reaches the parameters: skipped, or stopped by the host.
+        params, opt_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o),
+                                         (params, opt_state), (state["params"], state["opt_state"]))
+        new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
+        out = {"loss": loss, "ce_loss": ce, "grad_norm": grad_norm, "finite": finite,
+               "learning_rate": schedule(state["step"]), **aux}
+        return new_state, out
+
+    def eval_step(params, batch):
+        _, (ce, _) = loss_fn(params, graphdef, batch)
+        return ce
+
+    with jax.set_mesh(mesh):
+        train_step = jax.jit(train_step, in_shardings=(state_shardings, None),
+                             out_shardings=(state_shardings, None), donate_argnums=(0,))
+        eval_step = jax.jit(eval_step)
+
+    def evaluate(params):
+        it, losses = make_eval_iterator(config), []
+        for _ in range(config.eval_batches):
+            try:
+                batch = next(it)
+            except StopIteration:
+                break
+            losses.append(float(eval_step(params, to_global(batch))))
+        return float(np.mean(losses)) if losses else float("nan")
+
+    # ============================================================================ loop
+    stop_requested = []
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
+    writer = metrics.MetricsWriter(workdir, is_primary=jax.process_index() == 0,
+                                   resume_step=start_step if start_step else None)
+    progress = metrics.Progress(config.total_steps, initial_step=start_step)
+    peak = metrics.peak_flops_per_device(jax.devices()[0])
+    last, pending, window_start, window_steps = {}, None, time.perf_counter(), 0
+
+    def log(step, device_metrics):
+        nonlocal window_start, window_steps, last
+        host = jax.device_get(device_metrics)
+        if not bool(host.pop("finite")):
+            if not skip_nonfinite:
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {step} (loss={host['loss']}, "
+                    f"grad_norm={host['grad_norm']}); parameters were not updated and the last "
+                    f"checkpoint (step {max(ckpt.steps(), default='none')}) is intact; set "
+                    "config.on_nonfinite='skip' to skip such steps")
+            host["skipped_nonfinite"] = 1
+        if step % config.log_every_steps and step != config.total_steps:
+            return
+        elapsed = time.perf_counter() - window_start
+        rates = metrics.throughput(elapsed / max(window_steps, 1), tokens_per_step,
+                                   flops_per_token, jax.device_count(), peak).metrics()
+        rates["step_time_s"] = elapsed / max(window_steps, 1)
+        last = {"step": step, **{k: np.asarray(v).tolist() for k, v in host.items()}, **rates}
+        writer.write(step, last)
+        progress.update(step, last)
+        window_start, window_steps = time.perf_counter(), 0
+
+    try:
+        with jax.set_mesh(mesh):
+            for step in range(start_step + 1, config.total_steps + 1):
+                batch = to_global(next(train_iter))
+                state, step_metrics = train_step(state, batch)
+                if step == start_step + 1:  # keep compilation out of the throughput figures
+                    jax.block_until_ready(step_metrics)
+                    window_start = time.perf_counter()
+                else:
+                    window_steps += 1
+                if pending is not None:  # host metrics a step late keep the device busy
+                    log(*pending)
+                pending = (step, step_metrics)
+                if config.eval_every_steps and step % config.eval_every_steps == 0:
+                    log(*pending)
+                    pending = None
+                    last["eval_loss"] = evaluate(state["params"])
+                    writer.write(step, {"step": step, "eval_loss": last["eval_loss"]})
+                    window_start, window_steps = time.perf_counter(), 0
+                if step % config.checkpoint_every_steps == 0 or stop_requested:
+                    if pending is not None:
+                        log(*pending)  # never checkpoint past an unchecked non-finite step
+                        pending = None
+                    ckpt.save(step, state, train_iter)
+                if stop_requested:
+                    print(f"SIGTERM: saved checkpoint at step {step}, stopping", flush=True)
+                    break
+            if pending is not None:
+                log(*pending)
+            final_step = int(jax.device_get(state["step"]))
+            if not stop_requested and final_step > start_step:
+                ckpt.save(final_step, state, train_iter)
+    finally:
+        ckpt.close()
+        writer.close()
+        progress.close()
+        signal.signal(signal.SIGTERM, previous_handler)
+    return last
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
+    if _CONFIG.value is None or not _WORKDIR.value:
+        raise app.UsageError("--config and --workdir are required, e.g. "
+                             "--config=configs/tiny.py --workdir=/tmp/tiny")
+    try:
+        train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except (ConfigError, DataError, NonFiniteLossError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    app.run(main)
