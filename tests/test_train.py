@@ -142,6 +142,10 @@ def test_bad_inputs_give_one_line_errors(tmp_path):
     assert out.returncode != 0
     assert out.stderr.strip().splitlines()[-1] == (
         "error: config.total_steps=-5: must be a positive integer")
+    out = _run(str(tmp_path / "c"), "--config.optim.bogus=1", check=False)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1] == (
+        "error: --config.optim.bogus: the config has no key 'bogus'")
     out = _run(str(tmp_path / "b"), "--config.data.sources.embedded=/no/such/file.jsonl",
                check=False)
     last = out.stderr.strip().splitlines()[-1]

@@ -14,8 +14,8 @@ import json
 from absl import app, flags
 from ml_collections import config_flags
 
-from turbos_jax import accounting
-from turbos_jax.config import ConfigError, ModelConfig
+from turbos_jax import accounting, cli
+from turbos_jax.config import ModelConfig
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 4096, "Sequence length for the FLOP count.")
@@ -54,13 +54,10 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _CONFIG.value is None:
         raise app.UsageError("--config is required, e.g. --config=configs/tiny.py")
-    try:
-        cfg = ModelConfig.from_config(_CONFIG.value.model)
-    except ConfigError as e:
-        raise SystemExit(f"error: {e}") from None
+    cfg = ModelConfig.from_config(_CONFIG.value.model)
     s = accounting.summarize(cfg, _SEQ_LEN.value)
     print(json.dumps(s, indent=2) if _JSON.value else format_table(s))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

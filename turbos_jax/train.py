@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
-from turbos_jax import accounting, metrics, optim, sharding
+from turbos_jax import accounting, cli, metrics, optim, sharding
 from turbos_jax.checkpointing import Checkpointer
 from turbos_jax.config import ConfigError, ModelConfig, check_train_config
 from turbos_jax.data import DataError, make_eval_iterator, make_train_iterator
@@ -224,11 +224,8 @@ def main(argv):
     if _CONFIG.value is None or not _WORKDIR.value:
         raise app.UsageError("--config and --workdir are required, e.g. "
                              "--config=configs/tiny.py --workdir=/tmp/tiny")
-    try:
-        train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (ConfigError, DataError, NonFiniteLossError) as e:
-        raise SystemExit(f"error: {e}") from None
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, DataError, NonFiniteLossError)
