@@ -10,6 +10,7 @@ from configs import turbos
 
 def get_config():
     config = turbos.get_config()
+    config.mesh.data, config.mesh.expert, config.mesh.model = -1, 1, 1  # all devices on data
     m = config.model
     m.layout = ("AF" + "MF" * 3) * 2  # 2 A, 6 M, 8 F = 16 layers
     m.vocab_size = 32_768

@@ -19,6 +19,7 @@ def get_config():
     config.eval_batches = 4
     config.checkpoint_every_steps = 100
     config.optim.schedule = (("warmup", 20, 3e-3), ("cosine", 280, 3e-4))
+    config.mesh.data, config.mesh.expert, config.mesh.model = -1, 1, 1  # all devices on data
     m = config.model
     m.layout = ("AF" + "MF" * 2) * 2  # 2 A, 4 M, 6 F = 12 layers; period "AFMFMF" x2
     m.vocab_size = 256  # byte-level tokenizer

@@ -28,6 +28,19 @@ def get_config() -> ml_collections.ConfigDict:
     config.keep_checkpoints = 3  # newest complete checkpoints kept
     config.on_nonfinite = "stop"  # non-finite loss: "stop" (last good checkpoint kept) or "skip"
 
+    # --- device mesh (turbos_jax/sharding.py, docs/sharding.md): axis sizes, product = device count;
+    # one axis may be -1 (= the remaining devices). Checked against the model and batch_size.
+    # TurboS: model=8 (tensor parallel inside a host/slice: 8 | 64 heads, 8 KV heads, 16 groups,
+    # 17,024 expert width), expert=8 (4 of the 32 experts per shard; the all-to-all stays inside
+    # a small group), data=-1 (FSDP over the rest). batch_size=2240 needs data*expert | 2240,
+    # e.g. 512 chips (v5p-1024): data=8. AOT-compiled there (turbos_jax.aot), 512 x 4096 per step
+    # fits (84 GiB/chip) but 2240 x 4096 does not: it needs gradient accumulation (docs/sharding.md).
+    mesh = config.mesh = ml_collections.ConfigDict()
+    mesh.data = -1  # data parallel + FSDP (parameters' d_model dimension)
+    mesh.expert = 8  # expert parallel: routed experts split, batch also split over it
+    mesh.model = 8  # tensor parallel: heads, KV heads, Mamba2 groups, expert width, vocab
+    mesh.context = 1  # reserved for context (sequence) parallelism; must be 1
+
     # --- data (turbos_jax/data): sources, tokenizer, mixture phases
     d = config.data = ml_collections.ConfigDict()
     d.sources = {"embedded": "embedded"}  # name -> file, glob or "embedded" (bundled corpus)
@@ -77,10 +90,16 @@ def get_config() -> ml_collections.ConfigDict:
     m.capacity_factor = 1.5  # >0: per-sequence expert capacity, overflow dropped; 0: dropless
     m.aux_loss_weight = 0.01  # weight of the load-balancing loss
     m.z_loss_weight = 1e-3  # weight of the router z-loss
+    # "auto": capacity-mode experts on a mesh with expert > 1 dispatch tokens by all-to-all inside
+    # shard_map (docs/sharding.md); "none" (and dropless mode): XLA's GSPMD partitions the einsums.
+    m.expert_parallel = "auto"
     # --- numerics and compilation
     m.dtype = "bfloat16"  # activation/compute dtype
     m.param_dtype = "float32"  # parameter (master weight) dtype
     m.remat_policy = "full"  # none | full | dots | dots_no_batch | save_mixer_outputs
     m.scan_layers = True  # lax.scan over the repeated period (False: unrolled loop, same params)
     m.kernel_impl = "auto"  # xla | auto (fastest available; pallas kernels join in issue 4)
+    # --- generation caches (turbos_jax/generation, docs/generation.md)
+    m.kv_cache_dtype = "bfloat16"  # attention K/V cache entries (B, max_len, K, Dh) per A layer
+    m.ssm_state_dtype = "float32"  # Mamba2 SSM state (B, H, P, N): fp32 as the report keeps it
     return config

@@ -57,6 +57,8 @@ def test_split_layout(layout, expected):
         ({"remat_policy": "some"}, "remat_policy", "expected one of"),
         ({"kernel_impl": "cuda"}, "kernel_impl", "expected one of"),
         ({"dtype": "float64"}, "dtype", "expected one of"),
+        ({"kv_cache_dtype": "int4"}, "kv_cache_dtype", "expected one of"),
+        ({"ssm_state_dtype": "float64"}, "ssm_state_dtype", "expected one of"),
         ({"z_loss_weight": -1.0}, "z_loss_weight", ">= 0"),
     ],
 )

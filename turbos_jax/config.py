@@ -22,6 +22,7 @@ import jax.numpy as jnp
 LAYER_SYMBOLS = {"A": "attention", "M": "mamba2", "F": "moe"}
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_mixer_outputs")
 KERNEL_IMPLS = ("xla", "auto")  # "pallas" joins with the kernels
+EXPERT_PARALLEL = ("auto", "none")  # MoE dispatch across the mesh's expert axis (layers/moe.py)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -98,12 +99,16 @@ class ModelConfig:
     capacity_factor: float
     aux_loss_weight: float
     z_loss_weight: float
+    expert_parallel: str
     # Numerics and compilation.
     dtype: Any
     param_dtype: Any
     remat_policy: str
     scan_layers: bool
     kernel_impl: str
+    # Generation caches (turbos_jax/generation).
+    kv_cache_dtype: Any
+    ssm_state_dtype: Any
 
     @classmethod
     def from_config(cls, cfg) -> ModelConfig:
@@ -116,7 +121,7 @@ class ModelConfig:
         missing = sorted(fields - set(data))
         if missing:
             raise ConfigError(f"config.model.{missing[0]}: required key is missing")
-        for name in ("dtype", "param_dtype"):
+        for name in ("dtype", "param_dtype", "kv_cache_dtype", "ssm_state_dtype"):
             if data[name] not in DTYPES:
                 raise ConfigError(f"config.model.{name}={data[name]!r}: expected one of {list(DTYPES)}")
             data[name] = DTYPES[data[name]]
@@ -185,6 +190,8 @@ class ModelConfig:
             fail("remat_policy", f"expected one of {REMAT_POLICIES}")
         if self.kernel_impl not in KERNEL_IMPLS:
             fail("kernel_impl", f"expected one of {KERNEL_IMPLS}")
+        if self.expert_parallel not in EXPERT_PARALLEL:
+            fail("expert_parallel", f"expected one of {EXPERT_PARALLEL}")
         if not isinstance(self.scan_layers, bool):
             fail("scan_layers", "expected True or False")
 

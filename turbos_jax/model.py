@@ -13,6 +13,9 @@ is pre-norm with a residual. `split_layout` cuts the layout into prefix + period
   5. MoE layers return auxiliary statistics; they are summed through the scan and averaged over the
      MoE layers, and `aux_loss` = aux_loss_weight * load-balancing + z_loss_weight * z-loss.
 
+Generation (docs/generation.md): `prefill` and `decode_step` run the same layers with KV / SSM
+caches that mirror the prefix / stacked period / suffix structure (`turbos_jax/generation`).
+
 Packed sequences: `segment_ids` (B, L) int32 label documents (0 = padding); attention and Mamba2 never
 pass information between different ids, and RoPE positions restart at 0 in each document.
 """
@@ -72,6 +75,34 @@ class Block(nnx.Module):
             h, aux = self.layer(h, valid=segment_ids != 0)
         h = checkpoint_name(h, "mixer_out")
         return sharding.constrain(x + h.astype(x.dtype), ("batch", "seq", None)), aux
+
+    # ------------------------------------------------------------------ generation
+    def prefill(self, x, lengths, max_len: int):
+        """Right-padded prompts x (B, L, D), lengths (B,) -> (x', cache of this layer).
+
+        Attention and Mamba2 build their caches (see their `prefill`); MoE layers run dropless
+        (the caller's cfg has capacity_factor = 0) with padding marked invalid, and cache nothing.
+        """
+        h = self.norm(x)
+        if self.symbol == "A":
+            h, cache = self.layer.prefill(h, lengths, max_len)
+        elif self.symbol == "M":
+            h, cache = self.layer.prefill(h, lengths)
+        else:
+            valid = jnp.arange(x.shape[1], dtype=jnp.int32)[None, :] < lengths[:, None]
+            (h, _), cache = self.layer(h, valid=valid), {}
+        return x + h.astype(x.dtype), cache
+
+    def decode(self, x, cache, positions):
+        """One token per sequence: x (B, 1, D), positions (B,) -> (x', updated cache)."""
+        h = self.norm(x)
+        if self.symbol == "A":
+            h, cache = self.layer.decode(h, cache, positions)
+        elif self.symbol == "M":
+            h, cache = self.layer.decode(h, cache)
+        else:
+            (h, _), cache = self.layer(h), {}
+        return x + h.astype(x.dtype), cache
 
 
 def _stacked_block(symbol: str, repeats: int, cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
@@ -160,6 +191,70 @@ class TurbosModel(nnx.Module):
         x, aux = self._run(apply, unstacked(self.suffix), x, aux, segment_ids, positions)
         logits = self.lm_head(self.final_norm(x))
         return logits, self._finish_aux(aux)
+
+    # ------------------------------------------------------------------ generation
+    # Caches follow the parameter structure: {"prefix": [per layer], "period": [per period position,
+    # leaves stacked with a leading `repeats` axis], "suffix": [per layer]}; MoE layers hold {}.
+    # Layers run in the order of the forward pass; the period is always scanned. Parameters may be
+    # int8 QTensors (generation/quantize.py): each layer is dequantised right before it runs.
+    def _generation_layers(self, step, x, layer_caches):
+        """Runs every layer: step(block, x, cache_or_None) -> (x, cache). layer_caches is None in
+        prefill. Returns (x, new layer caches)."""
+        from turbos_jax.generation.quantize import dequantize
+
+        def live(module):
+            graphdef, state = nnx.split(module)
+            return nnx.merge(graphdef, dequantize(state))
+
+        out = {"prefix": [], "period": [], "suffix": []}
+        get = lambda part, i: None if layer_caches is None else layer_caches[part][i]
+        for i, blk in enumerate(self.prefix):
+            x, c = step(live(blk), x, get("prefix", i))
+            out["prefix"].append(c)
+        graphdefs = [nnx.split(b)[0] for b in self.period]
+        states = [nnx.split(b)[1] for b in self.period]
+        caches = None if layer_caches is None else layer_caches["period"]
+
+        def body(x, inp):
+            period_states, period_caches = inp
+            new = []
+            for j, (gd, st) in enumerate(zip(graphdefs, period_states, strict=True)):
+                x, c = step(nnx.merge(gd, dequantize(st)), x,
+                            None if period_caches is None else period_caches[j])
+                new.append(c)
+            return x, new
+
+        x, out["period"] = jax.lax.scan(body, x, (states, caches),
+                                        length=self.cfg.layout_split.repeats)
+        for i, blk in enumerate(self.suffix):
+            x, c = step(live(blk), x, get("suffix", i))
+            out["suffix"].append(c)
+        return x, out, live(self.lm_head)
+
+    def prefill(self, tokens: jax.Array, lengths: jax.Array, max_len: int,
+                all_logits: bool = False):
+        """Right-padded prompts tokens (B, L) int32 with real lengths (B,) (1 <= length <= L) ->
+        (logits, cache). logits: (B, V) at each prompt's last real token, or (B, L, V) with
+        `all_logits`. cache = {"layers": ..., "lengths": (B,) tokens cached per sequence}; KV
+        caches are preallocated to `max_len` positions. Use a cfg with capacity_factor = 0."""
+        lengths = lengths.astype(jnp.int32)
+        step = lambda blk, x, _: blk.prefill(x, lengths, max_len)
+        x, layers, lm_head = self._generation_layers(step, self.embed(tokens), None)
+        h = self.final_norm(x)
+        if not all_logits:
+            h = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)
+        logits = lm_head(h)
+        return (logits if all_logits else logits[:, 0]), {"layers": layers, "lengths": lengths}
+
+    def decode_step(self, tokens: jax.Array, cache: dict):
+        """tokens (B,) int32, the next token of each sequence -> (logits (B, V), cache advanced by
+        one token). The token is placed at position cache["lengths"] of its sequence."""
+        positions = cache["lengths"]
+        step = lambda blk, x, c: blk.decode(x, c, positions)
+        x, layers, lm_head = self._generation_layers(step, self.embed(tokens[:, None]),
+                                                     cache["layers"])
+        logits = lm_head(self.final_norm(x))[:, 0]
+        return logits, {"layers": layers, "lengths": positions + 1}
 
     def _finish_aux(self, aux):
         n_moe = max(1, self.cfg.layout.count("F"))

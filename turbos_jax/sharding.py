@@ -23,17 +23,22 @@ Parameters shard `embed` over `data`: that is FSDP (ZeRO-3), gathered per layer 
 Stacked layers (the scanned period) carry one extra leading dimension that is never sharded; the
 specs below add it by comparing the value's rank with the number of recorded names.
 
-Mesh axes are `data`, `expert`, `model` and `context`; the mesh itself is built by the trainer.
+Mesh axes are `data`, `expert`, `model` and `context`, in that order; `make_mesh(config.mesh)` builds
+the mesh from the config's sizes and checks them against the device count and the model config
+(see docs/sharding.md).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec
+
+from turbos_jax.config import ConfigError
 
 LOGICAL_AXES = ("batch", "seq", "embed", "heads", "kv_heads", "mlp", "vocab", "expert")
 MESH_AXES = ("data", "expert", "model", "context")
@@ -163,3 +168,83 @@ def _keep_axes(entry, present):
     axes = (entry,) if isinstance(entry, str) else tuple(entry)
     axes = tuple(a for a in axes if a in present)
     return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
+# ------------------------------------------------------------------------------------------ mesh
+def mesh_shape(mesh_cfg: Mapping, num_devices: int) -> dict[str, int]:
+    """Resolves `config.mesh` ({data, expert, model, context}, one size may be -1) to axis sizes.
+
+    Raises a one-line ConfigError naming the key for a missing or unknown key, a size that is not a
+    positive integer (or -1), more than one -1, context != 1, or a product != `num_devices`.
+    """
+    cfg = dict(mesh_cfg.to_dict() if hasattr(mesh_cfg, "to_dict") else mesh_cfg)
+    unknown = sorted(set(cfg) - set(MESH_AXES))
+    if unknown:
+        raise ConfigError(f"config.mesh.{unknown[0]}: unknown key (known: {list(MESH_AXES)})")
+    for axis in MESH_AXES:
+        if axis not in cfg:
+            raise ConfigError(f"config.mesh.{axis}: required key is missing")
+        v = cfg[axis]
+        if isinstance(v, bool) or not isinstance(v, int) or (v <= 0 and v != -1):
+            raise ConfigError(f"config.mesh.{axis}={v!r}: must be a positive integer or -1 "
+                              "(-1 = the remaining devices)")
+    if cfg["context"] != 1:
+        raise ConfigError(f"config.mesh.context={cfg['context']!r}: context parallelism is "
+                          "reserved; must be 1")
+    fill = [a for a in MESH_AXES if cfg[a] == -1]
+    if len(fill) > 1:
+        raise ConfigError(f"config.mesh.{fill[1]}=-1: at most one axis may be -1 "
+                          f"(config.mesh.{fill[0]} is -1 already)")
+    fixed = math.prod(cfg[a] for a in MESH_AXES if cfg[a] != -1)
+    if fill:
+        if num_devices % fixed:
+            raise ConfigError(f"config.mesh.{fill[0]}=-1: the other axes multiply to {fixed}, "
+                              f"which does not divide the {num_devices} devices")
+        cfg[fill[0]] = num_devices // fixed
+    elif fixed != num_devices:
+        sizes = " x ".join(f"{a}={cfg[a]}" for a in MESH_AXES)
+        raise ConfigError(f"config.mesh.data={cfg['data']!r}: mesh {sizes} = {fixed} devices, "
+                          f"but {num_devices} are present (set one axis to -1 to fill)")
+    return {a: cfg[a] for a in MESH_AXES}
+
+
+def check_mesh(shape: Mapping[str, int], model_cfg=None, batch_size: int | None = None) -> None:
+    """Divisibility of the model and batch by the mesh axes that shard them; one-line ConfigErrors.
+
+    Every sharded dimension must divide evenly (there is no silent fallback to replication):
+    heads, KV heads, Mamba2 heads and groups, the expert and vocabulary sizes by `model`; experts by
+    `expert`; d_model (FSDP) by `data`; the global batch by `data * expert`.
+    """
+    if model_cfg is not None:
+        checks = (
+            ("model", ("num_heads", "num_kv_heads", "mamba_heads", "mamba_groups", "expert_dim",
+                       "vocab_size")),
+            ("expert", ("num_experts",)),
+            ("data", ("d_model",)),
+        )
+        for axis, keys in checks:
+            for key in keys:
+                v = getattr(model_cfg, key)
+                if v % shape[axis]:
+                    raise ConfigError(f"config.model.{key}={v!r}: must be divisible by "
+                                      f"config.mesh.{axis}={shape[axis]}")
+    if batch_size is not None:
+        n = shape["data"] * shape["expert"]
+        if batch_size % n:
+            raise ConfigError(f"config.batch_size={batch_size!r}: must be divisible by "
+                              f"mesh data x expert = {shape['data']} x {shape['expert']} = {n}")
+
+
+def make_mesh(mesh_cfg: Mapping, devices: Sequence[jax.Device] | None = None, *, model_cfg=None,
+              batch_size: int | None = None) -> jax.sharding.Mesh:
+    """`jax.make_mesh` with Auto axes (data, expert, model, context) sized by `config.mesh`.
+
+    `devices` defaults to all devices; `model_cfg` / `batch_size`, when given, are checked with
+    `check_mesh`.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(mesh_cfg, len(devices))
+    check_mesh(shape, model_cfg, batch_size)
+    return jax.make_mesh(tuple(shape[a] for a in MESH_AXES), MESH_AXES,
+                         axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)

@@ -17,7 +17,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import app, flags, logging
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -29,6 +28,7 @@ from turbos_jax.checkpointing import Checkpointer
 from turbos_jax.config import ConfigError, ModelConfig, check_train_config
 from turbos_jax.data import DataError, make_eval_iterator, make_train_iterator
 from turbos_jax.model import TurbosModel
+from turbos_jax.step import loss_fn, make_train_step  # noqa: F401 (loss_fn re-exported)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
@@ -38,22 +38,6 @@ BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
 class NonFiniteLossError(RuntimeError):
     """The loss or gradient norm became NaN/inf and config.on_nonfinite == "stop"."""
-
-
-def make_mesh() -> jax.sharding.Mesh:
-    """All devices on `data` (data parallel + FSDP); the other axes have size 1."""
-    return jax.make_mesh((jax.device_count(), 1, 1, 1), sharding.MESH_AXES,
-                         axis_types=(jax.sharding.AxisType.Auto,) * 4)
-
-
-def loss_fn(params, graphdef, batch):
-    """Next-token cross-entropy over loss_mask (no loss across documents) + weighted MoE losses."""
-    logits, aux = nnx.merge(graphdef, params)(batch["inputs"], batch["segment_ids"],
-                                              batch["positions"])
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    mask = batch["loss_mask"].astype(jnp.float32)
-    ce = jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-    return ce + aux["aux_loss"], (ce, aux)
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -67,11 +51,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
             f.write(config.to_json_best_effort(indent=2))
 
     # ============================================================================ mesh
-    mesh = make_mesh()
+    if "mesh" not in config:
+        raise ConfigError("config.mesh: required key is missing (see configs/turbos.py)")
+    mesh = sharding.make_mesh(config.mesh, model_cfg=model_cfg, batch_size=config.batch_size)
     batch_sharding = NamedSharding(mesh, P(("data", "expert")))
-    if config.batch_size % mesh.shape["data"]:
-        raise ConfigError(f"config.batch_size={config.batch_size}: must be divisible by the "
-                          f"{mesh.shape['data']} devices of the data axis")
 
     # ============================================================================ data
     train_iter = make_train_iterator(config)
@@ -110,21 +93,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     flops_per_token = accounting.training_flops_per_token(model_cfg, config.seq_len)["total"]
     skip_nonfinite = config.on_nonfinite == "skip"
 
-    def train_step(state, batch):
-        batch = {k: jax.lax.with_sharding_constraint(v, batch_sharding) for k, v in batch.items()}
-        (loss, (ce, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state["params"], graphdef, batch)
-        grad_norm = optax.global_norm(grads)
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        # A non-finite step never reaches the parameters: skipped, or stopped by the host.
-        params, opt_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o),
-                                         (params, opt_state), (state["params"], state["opt_state"]))
-        new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
-        out = {"loss": loss, "ce_loss": ce, "grad_norm": grad_norm, "finite": finite,
-               "learning_rate": schedule(state["step"]), **aux}
-        return new_state, out
+    train_step = make_train_step(graphdef, tx, schedule, batch_sharding)
 
     def eval_step(params, batch):
         _, (ce, _) = loss_fn(params, graphdef, batch)

@@ -101,3 +101,32 @@ class Attention(nnx.Module):
         q, k, v = self.project_qkv(x, rope_positions)
         idx = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), segment_ids.shape)
         return self.attend(q, k, v, attention_mask(segment_ids, idx, segment_ids, idx))
+
+    # ------------------------------------------------------------------ generation (KV cache)
+    def prefill(self, x: jax.Array, lengths: jax.Array, max_len: int):
+        """Right-padded prompts x (B, L, D) with real lengths (B,) -> (y (B, L, D), cache).
+
+        Queries see the causal prefix of their own prompt's real tokens (padding keys are masked);
+        cache = {"k", "v": (B, max_len, K, Dh) in cfg.kv_cache_dtype}, entries past L are zero and
+        padding entries are overwritten by decode steps (position = each sequence's length).
+        """
+        b, l, _ = x.shape
+        idx = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+        q, k, v = self.project_qkv(x, idx)
+        mask = (idx[:, :, None] >= idx[:, None, :]) & (idx < lengths[:, None])[:, None, :]
+        y = self.attend(q, k, v, mask)
+        pad = [(0, 0), (0, max_len - l), (0, 0), (0, 0)]
+        dt = self.cfg.kv_cache_dtype
+        return y, {"k": jnp.pad(k.astype(dt), pad), "v": jnp.pad(v.astype(dt), pad)}
+
+    def decode(self, x: jax.Array, cache: dict, positions: jax.Array):
+        """One token per sequence: x (B, 1, D) at positions (B,) (= tokens already cached) ->
+        (y (B, 1, D), cache with this token's K/V written at `positions`)."""
+        b = x.shape[0]
+        q, k, v = self.project_qkv(x, positions[:, None])
+        rows = jnp.arange(b)
+        kc = cache["k"].at[rows, positions].set(k[:, 0].astype(cache["k"].dtype))
+        vc = cache["v"].at[rows, positions].set(v[:, 0].astype(cache["v"].dtype))
+        mask = (jnp.arange(kc.shape[1], dtype=jnp.int32)[None, :] <= positions[:, None])[:, None]
+        dt = self.cfg.dtype
+        return self.attend(q, kc.astype(dt), vc.astype(dt), mask), {"k": kc, "v": vc}

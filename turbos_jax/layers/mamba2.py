@@ -31,6 +31,7 @@ from flax import nnx
 
 from pallas_kernels import mamba2 as mamba2_ops
 from pallas_kernels import resolve_impl
+from pallas_kernels.mamba2.reference import process_dt
 from turbos_jax import sharding
 from turbos_jax.config import ModelConfig
 from turbos_jax.layers.norms import GatedGroupRMSNorm
@@ -149,3 +150,57 @@ class Mamba2(nnx.Module):
             xs, dts, a, b, c, cfg.mamba_chunk, D=d_skip, dt_bias=dt_bias, seq_idx=segment_ids,
             dt_softplus=True, dt_limit=cfg.mamba_dt_limit, impl=resolve_impl(cfg.kernel_impl))
         return self.output(y, z)
+
+    # ------------------------------------------------------------------ generation (state cache)
+    def prefill(self, x: jax.Array, lengths: jax.Array):
+        """Right-padded prompts x (B, L, D) with real lengths (B,) -> (y (B, L, D), cache).
+
+        Padding must not advance the recurrence: dt is processed here (bias, softplus, clamp) and
+        set to exactly 0 on padding, so those steps neither decay (exp(0 * A) = 1) nor add input
+        (dt * x * B = 0) and the scan's final state is the state after each row's last real token.
+        cache = {"conv_x", "conv_B", "conv_C": the last K-1 real pre-conv inputs (B, K-1, ...) in
+        cfg.dtype, zeros before the start; "ssm": (B, H, P, N) in cfg.ssm_state_dtype}.
+        """
+        cfg = self.cfg
+        b, l, _ = x.shape
+        valid = jnp.arange(l, dtype=jnp.int32)[None, :] < lengths[:, None]
+        z, xs, bm, cm, dts = self.project(x)
+        width = cfg.mamba_conv
+
+        def last_inputs(u):  # u_pad[n : n + K-1] = u[n-K+1 : n], zeros before position 0
+            u_pad = jnp.pad(u, [(0, 0), (width - 1, 0)] + [(0, 0)] * (u.ndim - 2))
+            return jax.vmap(lambda r, n: jax.lax.dynamic_slice_in_dim(r, n, width - 1, 0))(
+                u_pad, lengths)
+
+        cache = {"conv_x": last_inputs(xs), "conv_B": last_inputs(bm), "conv_C": last_inputs(cm)}
+        xs, bm, cm = self.convolve(xs, bm, cm, valid.astype(jnp.int32))
+        a, d_skip, dt_bias = self.ssm_params()
+        dtp = process_dt(dts, dt_bias, True, cfg.mamba_dt_limit)
+        dtp = jnp.where(valid[..., None], dtp, 0.0)
+        y, final = mamba2_ops.chunk_scan(
+            xs, dtp, a, bm, cm, cfg.mamba_chunk, D=d_skip, return_final_states=True,
+            impl=resolve_impl(cfg.kernel_impl))
+        cache["ssm"] = final.astype(cfg.ssm_state_dtype)
+        return self.output(y, z), cache
+
+    def decode(self, x: jax.Array, cache: dict):
+        """One token per sequence: x (B, 1, D) -> (y (B, 1, D), cache advanced by one step)."""
+        cfg = self.cfg
+        z, xs, bm, cm, dts = self.project(x)
+        cv, new = self.conv1d, {}
+
+        def conv_step(u, name):  # the forward's tap order: bias + sum_k kernel[k] * u[t-K+1+k]
+            window = jnp.concatenate([cache["conv_" + name], u], axis=1)  # (B, K, ...)
+            kernel = cv[name][...].astype(jnp.float32)
+            out = jnp.broadcast_to(cv[name + "_bias"][...].astype(jnp.float32), u[:, 0].shape)
+            for k in range(window.shape[1]):
+                out = out + window[:, k].astype(jnp.float32) * kernel[k]
+            new["conv_" + name] = window[:, 1:]
+            return jax.nn.silu(out.astype(u.dtype))
+
+        xs1, b1, c1 = conv_step(xs, "x"), conv_step(bm, "B"), conv_step(cm, "C")
+        a, d_skip, dt_bias = self.ssm_params()
+        y, new["ssm"] = mamba2_ops.state_update(
+            cache["ssm"], xs1, dts[:, 0], a, b1, c1, D=d_skip, dt_bias=dt_bias, dt_softplus=True,
+            dt_limit=cfg.mamba_dt_limit, impl=resolve_impl(cfg.kernel_impl))
+        return self.output(y[:, None], z), new

@@ -28,11 +28,18 @@ every expert has C = cfg.capacity(L) = ceil(capacity_factor * L * k / E) slots p
      choices first. Documents packed into one sequence share its capacity.
   c. tokens -> (G, E, C, D) buffers (scatter), experts as einsums over that buffer, gate-weighted
      gather back to (G, S, D).
+  d. Expert parallelism (cfg.expert_parallel == "auto" and the mesh in context has expert > 1):
+     step c runs inside `jax.shard_map` with two all-to-alls over the `expert` axis; see
+     `_capacity_expert_parallel` and docs/sharding.md. Per-sequence capacity makes the result
+     independent of the mesh. Otherwise GSPMD partitions the einsums.
 
 Dropless mode (cfg.capacity_factor == 0): the B*L tokens are flattened, their T*k choices sorted by
 expert, rows permuted into expert order, three grouped matmuls (ragged_dot) and a gate-weighted
 unpermute. Nothing is dropped; padding choices sort after every expert and cost no FLOPs on backends
-whose ragged matmul skips rows beyond sum(group_sizes).
+whose ragged matmul skips rows beyond sum(group_sizes). With expert parallelism (same condition as in
+capacity mode) the routed tokens are all-gathered over the `expert` axis and each shard runs only its
+own experts, then a reduce-scatter returns the sums (`_dropless_expert_parallel`): exact, static
+shapes, no ragged all-to-all.
 
 Auxiliary statistics (fp32, unweighted; same keys in both modes so scanned layers can sum them),
 over valid tokens only, with f_e = fraction of (token, choice) assignments routed to e before any
@@ -45,9 +52,12 @@ dropping (sum_e f_e = 1) and P_e = mean router probability of e:
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 import pallas_kernels
 from pallas_kernels import moe as moe_ops
@@ -120,6 +130,9 @@ class MoEFFN(nnx.Module):
         n_dropped = jnp.sum((~kept & valid[..., None]).astype(jnp.float32))
         dropped = n_dropped / (n_valid * cfg.top_k)
 
+        mesh = self._expert_parallel_mesh(b)
+        if mesh is not None:
+            return self._capacity_expert_parallel(mesh, x, ids, pos, gates, c, impl), dropped
         xe = moe_ops.capacity_dispatch(x, ids, pos, c, e, impl=impl)  # [G, E, C, D]
         xe = constrain(xe, ("batch", "expert", None, None))
         hg = jnp.einsum("gecd,edf->gecf", xe, self.wi_gate[...].astype(dt))  # [G, E, C, F]
@@ -130,10 +143,114 @@ class MoEFFN(nnx.Module):
         y = moe_ops.capacity_combine(ye, ids, pos, gates, c, impl=impl)  # [G, S, D]
         return y, dropped
 
+    def _expert_parallel_mesh(self, batch: int):
+        """The context mesh when the all-to-all path applies, else None (GSPMD path).
+
+        Applies when cfg.expert_parallel == "auto", the mesh has an `expert` axis of size > 1 that
+        divides num_experts, the batch divides over (data, expert) and expert_dim over `model`.
+        """
+        cfg = self.cfg
+        if cfg.expert_parallel == "none":
+            return None
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh is None or mesh.empty or mesh.shape.get("expert", 1) == 1:
+            return None
+        shape = mesh.shape
+        n_batch = math.prod(shape[a] for a in ("data", "expert") if a in shape)
+        if (cfg.num_experts % shape["expert"] or batch % n_batch
+                or cfg.expert_dim % shape.get("model", 1)):
+            return None
+        return mesh
+
+    def _capacity_expert_parallel(self, mesh, x, ids, pos, gates, c, impl):
+        """Capacity-mode experts with the mesh axes manual: -> y (G, S, D).
+
+        Per device (ep = mesh expert size, El = E / ep, Gl = local sequences, Fm = F / model):
+          1. dispatch its Gl sequences locally into (Gl, E, C, D) buffers;
+          2. all-to-all over `expert`: split E into ep blocks of El experts, send block j to expert
+             shard j, concatenate what arrives along G -> (ep * Gl, El, C, D): every slot of this
+             shard's experts, from every sequence of the ep devices in its expert group;
+          3. the SwiGLU einsums with the local (El, D, Fm) / (El, Fm, D) weights; psum over `model`
+             (the F contraction is split over it);
+          4. the inverse all-to-all -> (Gl, E, C, D), and the local gate-weighted combine.
+        Weights enter gathered over `data` (FSDP) and sharded (expert, -, model).
+        """
+        cfg = self.cfg
+        e, dt = cfg.num_experts, cfg.dtype
+        names = set(mesh.axis_names)
+        batch_axes = tuple(a for a in ("data", "expert") if a in names)
+        model = "model" if "model" in names else None
+        tok = P(batch_axes, None, None)
+
+        def body(x, ids, pos, gates, wg, wu, wo):
+            xe = moe_ops.capacity_dispatch(x, ids, pos, c, e, impl=impl)  # [Gl, E, C, D]
+            xe = jax.lax.all_to_all(xe, "expert", 1, 0, tiled=True)  # [ep*Gl, El, C, D]
+            hg = jnp.einsum("gecd,edf->gecf", xe, wg)  # [ep*Gl, El, C, Fm]
+            hu = jnp.einsum("gecd,edf->gecf", xe, wu)  # [ep*Gl, El, C, Fm]
+            ye = jnp.einsum("gecf,efd->gecd", jax.nn.silu(hg) * hu, wo)  # [ep*Gl, El, C, D]
+            if model is not None:
+                ye = jax.lax.psum(ye, model)
+            ye = jax.lax.all_to_all(ye, "expert", 0, 1, tiled=True)  # [Gl, E, C, D]
+            return moe_ops.capacity_combine(ye, ids, pos, gates, c, impl=impl)  # [Gl, S, D]
+
+        w_in, w_out = P("expert", None, model), P("expert", model, None)
+        fn = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, tok, w_in, w_in, w_out),
+                           out_specs=tok)
+        return fn(x, ids, pos, gates, self.wi_gate[...].astype(dt), self.wi_up[...].astype(dt),
+                  self.wo[...].astype(dt))
+
+    def _dropless_expert_parallel(self, mesh, x, ids, gates, impl):
+        """Dropless experts with the mesh axes manual: -> y (B, L, D).
+
+        Per device (ep = mesh expert size, j = its expert index, El = E / ep, Tl = local tokens):
+          1. all-gather tokens, ids and gates over `expert` -> (ep * Tl, ...): the tokens of the ep
+             devices of this expert group;
+          2. renumber ids to this shard's experts j*El .. (j+1)*El - 1 -> 0 .. El-1; every other id
+             becomes El ("no expert": sorted last, no rows in any group);
+          3. the dropless sort / permute / three grouped matmuls / gate-weighted unpermute with the
+             local (El, D, Fm) / (El, Fm, D) weights -> this shard's experts' share of every output;
+          4. reduce-scatter over `expert` (sum over the shards' experts, keep this device's Tl
+             rows) and psum over `model` (the F contraction is split over it).
+        """
+        cfg = self.cfg
+        e, k, dt = cfg.num_experts, cfg.top_k, cfg.dtype
+        names = set(mesh.axis_names)
+        batch_axes = tuple(a for a in ("data", "expert") if a in names)
+        model = "model" if "model" in names else None
+        el = e // mesh.shape["expert"]
+        tok = P(batch_axes, None, None)
+
+        def body(x, ids, gates, wg, wu, wo):
+            bl, l, d = x.shape
+            xt = jax.lax.all_gather(x.reshape(bl * l, d), "expert", tiled=True)  # [T, D]
+            ids = jax.lax.all_gather(ids.reshape(bl * l, k), "expert", tiled=True)  # [T, K]
+            gates = jax.lax.all_gather(gates.reshape(bl * l, k), "expert", tiled=True)  # [T, K]
+            local = ids - jax.lax.axis_index("expert") * el
+            local = jnp.where((local >= 0) & (local < el), local, el)  # [T, K]
+            order, sizes = moe_ops.sort_by_expert(local, el)  # [T*K], [El]
+            xs = moe_ops.permute(xt, order, k, impl=impl)  # [T*K, D]
+            hg = moe_ops.grouped_matmul(xs, wg, sizes, impl=impl)  # [T*K, Fm]
+            hu = moe_ops.grouped_matmul(xs, wu, sizes, impl=impl)  # [T*K, Fm]
+            ys = moe_ops.grouped_matmul(jax.nn.silu(hg) * hu, wo, sizes, impl=impl)  # [T*K, D]
+            y = moe_ops.unpermute(ys, order, gates, impl=impl)  # [T, D]
+            y = jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)  # [Tl, D]
+            if model is not None:
+                y = jax.lax.psum(y, model)
+            return y.reshape(bl, l, d)
+
+        w_in, w_out = P("expert", None, model), P("expert", model, None)
+        fn = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out),
+                           out_specs=tok)
+        return fn(x, ids, gates, self.wi_gate[...].astype(dt), self.wi_up[...].astype(dt),
+                  self.wo[...].astype(dt))
+
     def _dropless(self, x, ids, gates, impl):
         cfg = self.cfg
         b, l, d = x.shape
         k, e, dt = cfg.top_k, cfg.num_experts, cfg.dtype
+        mesh = self._expert_parallel_mesh(b)
+        if mesh is not None:
+            return self._dropless_expert_parallel(mesh, x, ids, gates, impl)
         xt = x.reshape(b * l, d)  # [T, D]
         order, sizes = moe_ops.sort_by_expert(ids.reshape(b * l, k), e)  # [T*K], [E]
         xs = moe_ops.permute(xt, order, k, impl=impl)  # [T*K, D]

@@ -1,0 +1,52 @@
+"""`python -m turbos_jax.aot`: AOT compile of the train step for a TPU slice on this CPU host.
+
+With libtpu importable (`pip install "jax[tpu]==0.10.2"`, or TURBOS_TEST_LIBTPU_PATH=DIR holding a
+`pip install --target DIR libtpu==0.0.42.*`) the tiny config is compiled for v5p:2x2x1 with expert
+parallelism; without it, the command must fail with one line saying what is missing."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = ""
+    extra = os.environ.get("TURBOS_TEST_LIBTPU_PATH")
+    if extra:
+        env["PYTHONPATH"] = os.pathsep.join([extra, env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-m", "turbos_jax.aot", "--config=configs/tiny.py",
+                           *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_aot_report_or_one_line_error():
+    out = _run("--topology=v5p:2x2x1", "--json", "--config.mesh.data=1",
+               "--config.mesh.expert=2", "--config.mesh.model=2")
+    have_libtpu = (importlib.util.find_spec("libtpu") is not None
+                   or bool(os.environ.get("TURBOS_TEST_LIBTPU_PATH")))
+    if not have_libtpu:
+        assert out.returncode == 1
+        assert out.stderr.strip().splitlines()[-1].startswith(
+            "error: --topology='v5p:2x2x1': cannot describe the TPU slice")
+        assert "pip install 'jax[tpu]==0.10.2'" in out.stderr
+        return
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout)
+    assert r["topology"] == "v5p:2x2x1" and r["devices"] == 4
+    assert r["mesh"] == {"data": 1, "expert": 2, "model": 2, "context": 1}
+    b = r["per_device_bytes"]
+    assert b["total"] == (b["arguments"] + b["outputs"] + b["temporaries"] + b["generated_code"]
+                          - b["aliased"]) > 0
+    assert r["hbm_bytes"] == 95 * 1024**3 and r["fits"] is True
+    assert r["flops_per_device"] > 0
+
+
+def test_aot_bad_topology_is_one_line():
+    out = _run("--topology=v5p")
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1] == (
+        "error: --topology='v5p': expected CHIP:SHAPE, e.g. v5p:2x2x1")

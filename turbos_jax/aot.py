@@ -1,0 +1,173 @@
+r"""Ahead-of-time compile of the real train step for a TPU slice, on this (CPU) host.
+
+    python -m turbos_jax.aot --config=configs/tiny.py --topology=v5p:2x2x1 [--json]
+
+Answers "does this config fit, and how much HBM does one step take per chip?" without the chips:
+
+  1. `jax.experimental.topologies.get_topology_desc(TOPOLOGY, "tpu")` describes the slice's devices
+     (needs libtpu: `pip install "jax[tpu]==0.10.2"`, or only `libtpu==0.0.42.*`; no TPU is used).
+  2. The mesh comes from `config.mesh` over those devices, checked as in training.
+  3. The abstract train state (parameters, AdamW state, step) gets the training shardings; the batch
+     is (batch_size, seq_len) int32/float32 sharded over (data, expert).
+  4. `jax.jit(train_step).lower(...).compile()` for the TPU: the same function the trainer runs.
+  5. `compiled.memory_analysis()` gives per-device bytes (arguments, outputs, temporaries, generated
+     code, aliased); total = arguments + outputs + temporaries + generated code - aliased (the
+     donated state's outputs reuse its buffers). `cost_analysis()` gives the step's FLOPs (per
+     device, as XLA counts them). `fits` compares the total with the chip's HBM.
+  6. When the TPU compiler itself refuses (RESOURCE_EXHAUSTED: out of HBM), the report has
+     `fits: false`, `per_device_bytes: null` and the compiler's line in `error`.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host runs nothing; the TPU is only a target
+# libtpu looks for a TPU VM's metadata otherwise and prints warnings about it.
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+
+import json  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from absl import app, flags  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from turbos_jax import cli, optim, sharding  # noqa: E402
+from turbos_jax.config import ModelConfig, check_train_config  # noqa: E402
+from turbos_jax.model import TurbosModel  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v5p:2x2x1, v4:2x2x1, v6e:2x2.")
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
+
+GiB = 1024**3
+HBM_BYTES = {"v4": 32 * GiB, "v5e": 16 * GiB, "v5litepod": 16 * GiB, "v5p": 95 * GiB,
+             "v6e": 32 * GiB}
+
+
+class AotError(cli.UserError):
+    """The topology cannot be described or compiled for (libtpu missing, unknown name)."""
+
+
+def topology_devices(topology: str):
+    from jax.experimental import topologies
+
+    if ":" not in topology:
+        raise AotError(f"--topology={topology!r}: expected CHIP:SHAPE, e.g. v5p:2x2x1")
+    try:
+        return topologies.get_topology_desc(topology, "tpu").devices
+    except Exception as e:  # noqa: BLE001 - libtpu's errors are plain RuntimeErrors
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AotError(f"--topology={topology!r}: cannot describe the TPU slice ({first}); "
+                       "it needs libtpu: pip install 'jax[tpu]==0.10.2'") from e
+
+
+def analyse(config, topology: str) -> dict:
+    """Compiles one train step of `config` for `topology` -> the report dict (see module doc)."""
+    from turbos_jax.step import make_train_step
+
+    model_cfg = ModelConfig.from_config(config.model)
+    check_train_config(config)
+    devices = topology_devices(topology)
+    mesh = sharding.make_mesh(config.mesh, devices, model_cfg=model_cfg,
+                              batch_size=config.batch_size)
+    tx = optim.make_optimizer(config.optim)
+    schedule = optim.make_schedule(config.optim.schedule)
+    make_model = lambda: TurbosModel(model_cfg, rngs=nnx.Rngs(config.seed))
+    graphdef, _ = nnx.split(nnx.eval_shape(make_model))
+
+    def init_state():
+        params = nnx.split(make_model())[1]
+        return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+    abstract_state = jax.eval_shape(init_state)
+    state_shardings = sharding.named_shardings(abstract_state, mesh)
+    batch_sharding = NamedSharding(mesh, P(("data", "expert")))
+    shape = (config.batch_size, config.seq_len)
+    batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_mask" else jnp.int32,
+                                     sharding=batch_sharding)
+             for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
+    train_step = make_train_step(graphdef, tx, schedule, batch_sharding)
+    with jax.set_mesh(mesh):
+        state = sharding.sharded_abstract(abstract_state, mesh)
+        step = jax.jit(train_step, in_shardings=(state_shardings, None),
+                       out_shardings=(state_shardings, None), donate_argnums=(0,))
+        lowered = step.lower(state, batch)
+        try:
+            compiled = lowered.compile()
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            compiled, error = None, str(e).strip().splitlines()[0]
+
+    chip = topology.split(":")[0].lower()
+    hbm = HBM_BYTES.get(chip)
+    report = {
+        "topology": topology,
+        "devices": len(devices),
+        "device_kind": getattr(devices[0], "device_kind", "unknown"),
+        "mesh": dict(mesh.shape),
+        "batch_size": config.batch_size,
+        "seq_len": config.seq_len,
+        "hbm_bytes": hbm,
+    }
+    if compiled is None:  # the TPU compiler itself proved it does not fit
+        return report | {"per_device_bytes": None, "flops_per_device": None, "fits": False,
+                         "error": error}
+
+    mem = compiled.memory_analysis()
+    per_device = {
+        "arguments": int(mem.argument_size_in_bytes),
+        "outputs": int(mem.output_size_in_bytes),
+        "temporaries": int(mem.temp_size_in_bytes),
+        "generated_code": int(mem.generated_code_size_in_bytes),
+        "aliased": int(mem.alias_size_in_bytes),
+    }
+    per_device["total"] = (per_device["arguments"] + per_device["outputs"]
+                           + per_device["temporaries"] + per_device["generated_code"]
+                           - per_device["aliased"])
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return report | {
+        "per_device_bytes": per_device,
+        "flops_per_device": float(cost.get("flops", 0.0)) if cost else None,
+        "fits": None if hbm is None else per_device["total"] <= hbm,
+    }
+
+
+def format_table(r: dict) -> str:
+    gib = lambda b: f"{b / GiB:10.3f} GiB"
+    lines = [f"topology   {r['topology']} ({r['devices']} devices, {r['device_kind']})",
+             f"mesh       {r['mesh']}",
+             f"batch      {r['batch_size']} x {r['seq_len']}",
+             "per device:"]
+    if r["per_device_bytes"] is None:
+        lines.append(f"  does not compile: {r['error']}")
+    else:
+        lines += [f"  {k:<15}{gib(v)}" for k, v in r["per_device_bytes"].items()]
+    if r["flops_per_device"] is not None:
+        lines.append(f"FLOPs/step per device  {r['flops_per_device']:.4g}")
+    if r["hbm_bytes"] is None:
+        lines.append("HBM        unknown chip: no fit verdict")
+    else:
+        lines.append(f"HBM        {gib(r['hbm_bytes'])}  fits: {r['fits']}")
+    return "\n".join(lines)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _CONFIG.value is None or not _TOPOLOGY.value:
+        raise app.UsageError("--config and --topology are required, e.g. "
+                             "--config=configs/tiny.py --topology=v5p:2x2x1")
+    r = analyse(_CONFIG.value, _TOPOLOGY.value)
+    print(json.dumps(r, indent=2) if _JSON.value else format_table(r))
+
+
+if __name__ == "__main__":
+    cli.run(main)

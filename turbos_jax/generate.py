@@ -1,0 +1,115 @@
+r"""Samples a continuation from a trained checkpoint:
+
+    python -m turbos_jax.generate --config=configs/tiny.py --workdir=/tmp/turbos-tiny \
+        --prompt="Once upon a time" --max_new_tokens=64 --temperature=0.8 --top_p=0.95 --seed=0
+
+1. `config.model` gives the architecture; the model is built abstractly (`nnx.eval_shape`).
+2. Only the "params" subtree of the newest step in WORKDIR/checkpoints/<step>/state is restored
+   (Orbax partial restore into those abstract shapes, on one device; the optimizer state is never
+   read). --int8 quantises the matmul weights for sampling (generation/quantize.py).
+3. The prompt is tokenized with `config.data.tokenizer`, generation stops at the tokenizer's EOS
+   (if it has one) or after --max_new_tokens, and the decoded continuation is printed.
+Mistakes (no checkpoint, bad flags or config keys) end in one `error: ...` line.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+from absl import app, flags, logging
+from flax import nnx
+from ml_collections import config_flags
+
+from turbos_jax import cli
+from turbos_jax.config import ModelConfig
+from turbos_jax.data import DataError, load_tokenizer
+from turbos_jax.generation.api import generate
+from turbos_jax.generation.quantize import quantize_params
+from turbos_jax.generation.sampling import SamplingParams
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
+_PROMPT = flags.DEFINE_string("prompt", None, "Prompt text.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate at most.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = off).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus mass (1 = off).")
+_MIN_P = flags.DEFINE_float("min_p", 0.0, "Keep tokens with p >= min_p * max p (0 = off).")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_INT8 = flags.DEFINE_bool("int8", False, "Int8 weight-only quantisation of matmul weights.")
+
+
+class GenerateError(cli.UserError):
+    """Bad generation input: missing checkpoint, bad flag value."""
+
+
+def restore_params(model_cfg: ModelConfig, workdir: str):
+    """(graphdef, params) from the newest checkpoint's "params" subtree, on the default device."""
+    import orbax.checkpoint as ocp
+
+    from turbos_jax.model import TurbosModel
+
+    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    steps = []
+    if os.path.isdir(directory):
+        steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+    if not steps:
+        raise GenerateError(f"--workdir={workdir}: no checkpoint in {directory} (train first: "
+                            "python -m turbos_jax.train --config=... --workdir=...)")
+    graphdef, abstract = nnx.split(nnx.eval_shape(
+        lambda: TurbosModel(model_cfg, rngs=nnx.Rngs(0))))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                            abstract)
+    manager = ocp.CheckpointManager(directory, item_names=("state",))
+    try:
+        restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=device), abstract)
+        restored = manager.restore(steps[-1], args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            {"params": abstract}, restore_args={"params": restore_args}, partial_restore=True)))
+    except Exception as e:  # noqa: BLE001 - any failure is reported in one line
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise GenerateError(f"checkpoint step {steps[-1]} in {directory} could not be restored "
+                            f"into config.model's shapes: {first}") from None
+    finally:
+        manager.close()
+    return graphdef, restored["state"]["params"], steps[-1]
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    if _CONFIG.value is None or not _WORKDIR.value or _PROMPT.value is None:
+        raise app.UsageError("--config, --workdir and --prompt are required, e.g. "
+                             "--config=configs/tiny.py --workdir=/tmp/tiny --prompt='Hello'")
+    if _MAX_NEW.value < 1:
+        raise GenerateError(f"--max_new_tokens={_MAX_NEW.value}: must be >= 1")
+    try:
+        sampling = SamplingParams(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _MIN_P.value)
+    except ValueError as e:
+        raise GenerateError(f"--{e}") from None
+    config = _CONFIG.value
+    model_cfg = ModelConfig.from_config(config.model)
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    ids = tokenizer.encode(_PROMPT.value)
+    if not ids:
+        raise GenerateError("--prompt: empty after tokenization")
+    if max(ids) >= model_cfg.vocab_size:
+        raise GenerateError(f"--prompt: token id {max(ids)} >= config.model.vocab_size")
+    graphdef, params, step = restore_params(model_cfg, _WORKDIR.value)
+    if _INT8.value:
+        params = quantize_params(params)
+    tokens, n = generate(graphdef, params, [ids], [len(ids)], max_new_tokens=_MAX_NEW.value,
+                         sampling=sampling, rng=jax.random.key(_SEED.value),
+                         eos_id=tokenizer.eos_id)
+    out = [int(t) for t in jax.device_get(tokens)[0, : int(n[0])]]
+    if tokenizer.eos_id is not None and out and out[-1] == tokenizer.eos_id:
+        out = out[:-1]
+    print(f"[checkpoint step {step}] {_PROMPT.value}", end="", flush=True)
+    print(tokenizer.decode(out), flush=True)
+
+
+if __name__ == "__main__":
+    cli.run(main, DataError, GenerateError)

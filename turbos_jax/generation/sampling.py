@@ -1,0 +1,84 @@
+"""Token sampling: greedy, temperature, top-k, top-p (nucleus) and min-p, seeded with jax.random.
+
+`sample(logits, key, params)` with logits (B, V) fp32:
+  1. temperature == 0 -> greedy argmax (the filters are irrelevant).
+  2. logits / temperature.
+  3. filters, each setting excluded logits to -inf, applied in this order (as HF transformers):
+       top_k > 0      keep the k largest logits (ties at the k-th value are all kept)
+       top_p < 1      keep the smallest set of most likely tokens whose probability reaches top_p:
+                      token i is kept iff the mass of tokens strictly more likely than it (sorted
+                      order) is < top_p; the most likely token is always kept
+       min_p > 0      keep tokens with prob >= min_p * max prob
+  4. jax.random.categorical over the remaining support.
+Every filter keeps at least the argmax, so the support is never empty.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -jnp.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Static (hashable) sampling settings; defaults = greedy."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature}: must be >= 0 (0 = greedy)")
+        if self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k}: must be >= 0 (0 = off)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p}: must be in (0, 1] (1 = off)")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p={self.min_p}: must be in [0, 1] (0 = off)")
+
+
+def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = jax.lax.top_k(logits, k)[0][..., -1:]
+    return jnp.where(logits >= kth, logits, NEG_INF)
+
+
+def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
+    if p >= 1.0:
+        return logits
+    sorted_logits = -jnp.sort(-logits, axis=-1)  # descending
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    n_keep = jnp.maximum(jnp.sum(mass_before < p, axis=-1, keepdims=True), 1)
+    threshold = jnp.take_along_axis(sorted_logits, n_keep - 1, axis=-1)
+    return jnp.where(logits >= threshold, logits, NEG_INF)  # ties with the last kept are kept
+
+
+def min_p_filter(logits: jax.Array, p: float) -> jax.Array:
+    if p <= 0.0:
+        return logits
+    probs = jax.nn.softmax(logits, axis=-1)
+    keep = probs >= p * jnp.max(probs, axis=-1, keepdims=True)
+    return jnp.where(keep, logits, NEG_INF)
+
+
+def filter_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
+    """Steps 2-3: temperature-scaled logits with -inf outside the support."""
+    logits = logits.astype(jnp.float32) / params.temperature
+    logits = top_k_filter(logits, params.top_k)
+    logits = top_p_filter(logits, params.top_p)
+    return min_p_filter(logits, params.min_p)
+
+
+def sample(logits: jax.Array, key: jax.Array, params: SamplingParams) -> jax.Array:
+    """logits (B, V) -> tokens (B,) int32."""
+    if params.temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, filter_logits(logits, params), axis=-1).astype(jnp.int32)
