@@ -91,25 +91,43 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def _busy_cpu_seconds() -> float | None:
+    """CPU seconds all processes have spent busy since boot (/proc/stat), or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def time_windows(step, warmup: int, steps: int, windows: int):
     """Runs `step()` warmup times, then `windows` x `steps` times. `step` must block until its work
-    is done. Returns (warm-up seconds, per-step seconds of each window)."""
+    is done. Returns (warm-up seconds, per-step seconds of each window, per-window CPU cores used
+    by OTHER processes = (machine busy CPU time - this process's CPU time) / wall time, a direct
+    measure of contention from the rest of the machine)."""
     t0 = time.perf_counter()
     for _ in range(warmup):
         step()
     warm = time.perf_counter() - t0
-    per_step = []
+    per_step, others = [], []
     for _ in range(windows):
-        t0 = time.perf_counter()
+        busy0, own0, t0 = _busy_cpu_seconds(), time.process_time(), time.perf_counter()
         for _ in range(steps):
             step()
-        per_step.append((time.perf_counter() - t0) / steps)
-    return warm, per_step
+        wall = time.perf_counter() - t0
+        busy1, own1 = _busy_cpu_seconds(), time.process_time()
+        per_step.append(wall / steps)
+        if busy0 is not None and busy1 is not None:
+            others.append(max(0.0, (busy1 - busy0) - (own1 - own0)) / wall)
+    return warm, per_step, others
 
 
-def summarize_times(per_step, tokens: int) -> dict:
+def summarize_times(per_step, others, tokens: int) -> dict:
     med = statistics.median(per_step)
-    return {"step_ms": 1e3 * med, "step_ms_min": 1e3 * min(per_step),
+    return {"other_processes_cores": statistics.median(others) if others else None,
+            "other_processes_cores_windows": others,"step_ms": 1e3 * med, "step_ms_min": 1e3 * min(per_step),
             "step_ms_max": 1e3 * max(per_step), "tokens_per_s": tokens / med,
             "windows_ms": [1e3 * t for t in per_step]}
 
@@ -157,7 +175,7 @@ def run_jax(config, batch: int, seq: int) -> dict:
         jax.block_until_ready((state["p"], state["o"], loss))
         state["loss"] = loss
 
-    warm, per_step = time_windows(step, _WARMUP.value, _STEPS.value, _WINDOWS.value)
+    warm, per_step, others = time_windows(step, _WARMUP.value, _STEPS.value, _WINDOWS.value)
     counts = accounting.count_params(cfg)
     moe = f"capacity {cfg.capacity_factor:g}" if cfg.capacity_factor else "dropless"
     flops = accounting.training_flops_per_token(cfg, seq, counts)["total"]
@@ -170,7 +188,7 @@ def run_jax(config, batch: int, seq: int) -> dict:
         "warmup_s": warm,
         "final_loss": float(state["loss"]),
         "model_flops_per_token": flops,
-        **summarize_times(per_step, batch * seq),
+        **summarize_times(per_step, others, batch * seq),
     }
     out["model_gflops_per_s"] = flops * out["tokens_per_s"] / 1e9
     if _BREAKDOWN.value:
@@ -321,7 +339,7 @@ def run_torch(config, batch: int, seq: int, width_mode: str, experts: str) -> di
         opt.step()
         state["loss"] = loss.detach()
 
-    warm, per_step = time_windows(step, _WARMUP.value, _STEPS.value, _WINDOWS.value)
+    warm, per_step, others = time_windows(step, _WARMUP.value, _STEPS.value, _WINDOWS.value)
     total = sum(p.numel() for p in model.parameters())
     routed = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     mamba_kernels = importlib.util.find_spec("mamba_ssm") is not None
@@ -338,7 +356,7 @@ def run_torch(config, batch: int, seq: int, width_mode: str, experts: str) -> di
         "compile_s": None,
         "warmup_s": warm,
         "final_loss": float(state["loss"]),
-        **summarize_times(per_step, batch * seq),
+        **summarize_times(per_step, others, batch * seq),
     }
 
 
@@ -360,15 +378,17 @@ def machine() -> dict:
 def table(results: list[dict]) -> str:
     jax_row = next((r for r in results if r["implementation"] == "turbos-jax"), None)
     head = ("implementation", "params", "active", "tokens/s", "step ms", "compile/warm-up s",
-            "turbos-jax / this")
+            "turbos-jax / this", "other procs' cores")
     rows = []
     for r in results:
         warm = (f"{r['compile_s']:.1f} compile + {r['warmup_s']:.1f} warm-up"
                 if r["compile_s"] is not None else f"{r['warmup_s']:.1f} warm-up")
         ratio = (f"{jax_row['tokens_per_s'] / r['tokens_per_s']:.2f}x"
                  if jax_row is not None and r is not jax_row else "-")
+        other = r["other_processes_cores"]
         rows.append((r["implementation"], f"{r['params_total']:,}", f"{r['params_active']:,}",
-                     f"{r['tokens_per_s']:,.0f}", f"{r['step_ms']:.1f}", warm, ratio))
+                     f"{r['tokens_per_s']:,.0f}", f"{r['step_ms']:.1f}", warm, ratio,
+                     "-" if other is None else f"{other:.2f}"))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths,
                                                                            strict=True)) + " |"
@@ -467,10 +487,13 @@ def main(argv):
     print(f"{report['config']}: batch {batch} x seq_len {seq} = {batch * seq} tokens/step; median "
           f"of {_WINDOWS.value} windows x {_STEPS.value} steps after {_WARMUP.value} warm-up steps")
     print(table(results))
+    print("other procs' cores: CPU cores used by other processes during the timed windows "
+          "(median); > 0.1 means the numbers are contended")
     for r in results:
         lo, hi = r["load_average_1min"]
-        print(f"  {r['implementation']}: {r['detail']}; final loss {r['final_loss']:.3f}; "
-              f"1-min load {lo:.2f} -> {hi:.2f}")
+        print(f"  {r['implementation']}: {r['detail']}; final loss {r['final_loss']:.3f}; step ms "
+              f"min {r['step_ms_min']:.1f} max {r['step_ms_max']:.1f}; 1-min load average "
+              f"{lo:.2f} -> {hi:.2f} (includes this benchmark)")
     for note in notes:
         print(f"note: {note}")
     if jax_row is not None and "breakdown" in jax_row:
