@@ -32,14 +32,12 @@ import json  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
-from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from turbos_jax import cli, optim, sharding  # noqa: E402
+from turbos_jax import cli, sharding  # noqa: E402
 from turbos_jax.config import ModelConfig, check_train_config  # noqa: E402
-from turbos_jax.model import TurbosModel  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v5p:2x2x1, v4:2x2x1, v6e:2x2.")
@@ -69,23 +67,14 @@ def topology_devices(topology: str):
 
 def analyse(config, topology: str) -> dict:
     """Compiles one train step of `config` for `topology` -> the report dict (see module doc)."""
-    from turbos_jax.step import make_train_step
+    from turbos_jax.step import make_train_step, train_setup
 
     model_cfg = ModelConfig.from_config(config.model)
     check_train_config(config)
     devices = topology_devices(topology)
     mesh = sharding.make_mesh(config.mesh, devices, model_cfg=model_cfg,
                               batch_size=config.batch_size)
-    tx = optim.make_optimizer(config.optim)
-    schedule = optim.make_schedule(config.optim.schedule)
-    make_model = lambda: TurbosModel(model_cfg, rngs=nnx.Rngs(config.seed))
-    graphdef, _ = nnx.split(nnx.eval_shape(make_model))
-
-    def init_state():
-        params = nnx.split(make_model())[1]
-        return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
-
-    abstract_state = jax.eval_shape(init_state)
+    graphdef, tx, schedule, init_state, abstract_state = train_setup(config, model_cfg)
     state_shardings = sharding.named_shardings(abstract_state, mesh)
     batch_sharding = NamedSharding(mesh, P(("data", "expert")))
     shape = (config.batch_size, config.seq_len)

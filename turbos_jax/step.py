@@ -2,10 +2,41 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+
+
+class TrainSetup(NamedTuple):
+    """What a train step is built from: the model's graph, the optimizer, its LR schedule, a
+    function creating the train state {"params", "opt_state", "step"}, and that state's shapes."""
+
+    graphdef: Any
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    init_state: Callable[[], dict]
+    abstract_state: Any
+
+
+def train_setup(config, model_cfg) -> TrainSetup:
+    """Abstract model and optimizer for `config` (nothing is allocated)."""
+    from turbos_jax import optim
+    from turbos_jax.model import TurbosModel
+
+    tx = optim.make_optimizer(config.optim)
+    schedule = optim.make_schedule(config.optim.schedule)
+    make_model = lambda: TurbosModel(model_cfg, rngs=nnx.Rngs(config.seed))
+    graphdef, _ = nnx.split(nnx.eval_shape(make_model))
+
+    def init_state():
+        params = nnx.split(make_model())[1]
+        return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+
+    return TrainSetup(graphdef, tx, schedule, init_state, jax.eval_shape(init_state))
 
 
 def loss_fn(params, graphdef, batch):

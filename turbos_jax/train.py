@@ -15,20 +15,17 @@ import signal
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
-from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
-from turbos_jax import accounting, cli, metrics, optim, sharding
+from turbos_jax import accounting, cli, metrics, sharding
 from turbos_jax.checkpointing import Checkpointer
 from turbos_jax.config import ConfigError, ModelConfig, check_train_config
 from turbos_jax.data import DataError, make_eval_iterator, make_train_iterator
-from turbos_jax.model import TurbosModel
-from turbos_jax.step import loss_fn, make_train_step  # noqa: F401 (loss_fn re-exported)
+from turbos_jax.step import loss_fn, make_train_step, train_setup  # noqa: F401 (loss_fn re-exported)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
@@ -65,16 +62,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 for k in BATCH_KEYS}
 
     # ============================================================================ abstract model, optimizer
-    tx = optim.make_optimizer(config.optim)
-    schedule = optim.make_schedule(config.optim.schedule)
-    make_model = lambda: TurbosModel(model_cfg, rngs=nnx.Rngs(config.seed))
-    graphdef, abstract_params = nnx.split(nnx.eval_shape(make_model))
-
-    def init_state():
-        params = nnx.split(make_model())[1]
-        return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
-
-    abstract_state = jax.eval_shape(init_state)
+    graphdef, tx, schedule, init_state, abstract_state = train_setup(config, model_cfg)
     state_shardings = sharding.named_shardings(abstract_state, mesh)
 
     # ============================================================================ sharded init / restore
