@@ -5,7 +5,8 @@
     python benchmarks/train_step_throughput.py --config=configs/small.py --batch_size=2 \
         --torch_experts=eager,grouped_mm
 
-What is timed, per implementation (same batch every step, random tokens, fp32, no packing):
+What is timed, per implementation (same random-token batch every step, one document per row, no
+packing; turbos-jax computes in config.model.dtype -- fp32 for tiny -- and PyTorch in fp32):
 
   turbos-jax  one `jax.jit` step: value_and_grad of next-token cross-entropy + the model's MoE aux
               loss, global-norm clipping (1.0), optax AdamW (b1 0.9, b2 0.95, wd 0.1); parameters
@@ -19,7 +20,11 @@ What is timed, per implementation (same batch every step, random tokens, fp32, n
 
 Each implementation runs `--warmup` untimed steps, then `--windows` windows of `--steps` steps; a
 window's time is taken after `jax.block_until_ready` (torch on CPU is synchronous) and the reported
-step time is the median over windows (min and max are in --json). tokens/s = batch * seq_len / step.
+step time is the median over windows (min and max are printed too). tokens/s = batch * seq_len /
+step. Every implementation runs in its own subprocess (JAX's and torch's thread pools in one process
+slow each other down several-fold). "other procs' cores" is the CPU time other processes used during
+the timed windows divided by wall time: PyTorch's OpenMP threads degrade badly (up to 20x) when
+another process takes a core, so only rows with a value near 0 are comparable.
 
 Shapes of the PyTorch model (layer symbol A -> "full_attention" "*", M -> "linear_attention" "M",
 F -> "moe" "E"): everything is copied from the config except where NemotronH differs by design:
