@@ -7,6 +7,7 @@ Set before JAX initialises its backend:
   * An empty YNNPACK fusion type: works around a jaxlib 0.10 CPU crash (segfault inside XLA's
     YNNPACK fusions) on some vmap-of-vjp programs such as the jacobians in the causality tests.
   * A persistent compilation cache, so tests that build the same model compile it once.
+  * libtpu may be loaded by several test processes (it only compiles for TPU slices here).
 """
 
 import os
@@ -20,6 +21,8 @@ os.environ["XLA_FLAGS"] = " ".join([
     "--xla_cpu_experimental_ynn_fusion_type=",
 ]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# libtpu (TPU AOT tests) takes a lock file; xdist workers each load it.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 

@@ -128,16 +128,16 @@ def test_capacity_dispatch_combine_vs_loop():
     x = rng.standard_normal((g, s, d)).astype(np.float32)
     w = rng.uniform(0.1, 1.0, (g, s, k)).astype(np.float32)
     buf = ops.capacity_dispatch(jnp.asarray(x), jnp.asarray(ids), jnp.asarray(pos), cap, e)
-    want_buf = np.zeros((g, e, cap, d), np.float32)
+    want_buf = np.zeros((e, g, cap, d), np.float32)  # expert-major
     for gi in range(g):
         for t in range(s):
             for j in range(k):
                 if 0 <= pos[gi, t, j] < cap:
-                    want_buf[gi, ids[gi, t, j], pos[gi, t, j]] = x[gi, t]
+                    want_buf[ids[gi, t, j], gi, pos[gi, t, j]] = x[gi, t]
     np.testing.assert_array_equal(buf, want_buf)
     assert ((pos >= cap).any()) and ((pos >= 0) & (pos < cap)).any()  # both kinds present
 
-    y = rng.standard_normal((g, e, cap, d)).astype(np.float32)
+    y = rng.standard_normal((e, g, cap, d)).astype(np.float32)
     out = ops.capacity_combine(
         jnp.asarray(y), jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(w), cap
     )
@@ -146,7 +146,7 @@ def test_capacity_dispatch_combine_vs_loop():
         for t in range(s):
             for j in range(k):
                 if 0 <= pos[gi, t, j] < cap:
-                    want[gi, t] += w[gi, t, j] * y[gi, ids[gi, t, j], pos[gi, t, j]]
+                    want[gi, t] += w[gi, t, j] * y[ids[gi, t, j], gi, pos[gi, t, j]]
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
 
 
@@ -176,7 +176,7 @@ def test_unknown_impl_raises():
     with pytest.raises(ValueError, match="permute"):
         ops.permute(x, order, 1, impl="nope")
     with pytest.raises(ValueError, match="grouped_matmul"):
-        ops.grouped_matmul(x, jnp.ones((2, 3, 4)), sizes, impl="pallas")
+        ops.grouped_matmul(x, jnp.ones((2, 3, 4)), sizes, impl="nope")
     with pytest.raises(ValueError, match="unpermute"):
         ops.unpermute(x, order, jnp.ones((2, 1)), impl="nope")
     pos = ops.capacity_positions(ids[None], 2)

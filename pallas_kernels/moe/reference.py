@@ -11,7 +11,9 @@ Dropless (token-sorted) path, T tokens, k choices each, E experts:
 
 Capacity path, G groups of S tokens, buffers of C slots per expert and group:
   1. `capacity_positions`: slot of every (token, choice) inside its expert's buffer.
-  2. `capacity_dispatch`: scatter tokens into (G, E, C, d) buffers, dropping slots >= C.
+  2. `capacity_dispatch`: scatter tokens into expert-major (E, G, C, d) buffers, dropping slots >= C.
+     Expert-major keeps the expert axis leading, so the expert matmuls are plain batched dots over
+     E with (G*C, d) rows each (XLA would otherwise transpose (G, E, ...) operands in the backward).
   3. `capacity_combine`: gather expert outputs back, weighted by the gates; dropped choices give 0.
 
 Expert ids outside [0, E) mean "no expert" (the MoE layer uses E for padding tokens): they are not
@@ -145,7 +147,7 @@ def capacity_dispatch(
       1. A (token, choice) is kept iff its id is in [0, E) and 0 <= position < capacity.
       2. Dropped slots are redirected to an out-of-bounds index (E, C), which the scatter drops;
          negative indices would wrap, hence the explicit redirect.
-      3. Scatter-add x[g, s] into buf[g, e, pos]; kept slots are unique per (g, e, pos), so add is
+      3. Scatter-add x[g, s] into buf[e, g, pos]; kept slots are unique per (e, g, pos), so add is
          a plain write and its transpose is a gather.
 
     Args:
@@ -156,7 +158,7 @@ def capacity_dispatch(
       num_experts: E.
 
     Returns:
-      (G, E, C, d) in x's dtype; empty slots are zero.
+      (E, G, C, d) in x's dtype; empty slots are zero.
     """
     g, s, k = expert_ids.shape
     kept = _kept(expert_ids, positions, capacity, num_experts)  # [G, S, K]
@@ -164,8 +166,8 @@ def capacity_dispatch(
     c_idx = jnp.where(kept, positions, capacity)  # [G, S, K]
     g_idx = jnp.broadcast_to(jnp.arange(g)[:, None, None], (g, s, k))  # [G, S, K]
     updates = jnp.broadcast_to(x[:, :, None, :], (g, s, k, x.shape[-1]))  # [G, S, K, d]
-    buf = jnp.zeros((g, num_experts, capacity, x.shape[-1]), x.dtype)  # [G, E, C, d]
-    return buf.at[g_idx, e_idx, c_idx].add(updates, mode="drop")
+    buf = jnp.zeros((num_experts, g, capacity, x.shape[-1]), x.dtype)  # [E, G, C, d]
+    return buf.at[e_idx, g_idx, c_idx].add(updates, mode="drop")
 
 
 def capacity_combine(
@@ -179,11 +181,11 @@ def capacity_combine(
 
     Algorithm:
       1. Clip (expert, slot) indices into range so the gather is always in bounds.
-      2. Gather y[g, e, pos] for every (token, choice): (G, S, k, d).
+      2. Gather y[e, g, pos] for every (token, choice): (G, S, k, d).
       3. Zero the weights of dropped / "no expert" choices, sum weight * row over k in float32.
 
     Args:
-      y: (G, E, C, d) expert outputs.
+      y: (E, G, C, d) expert outputs.
       expert_ids: (G, S, k) int.
       positions: (G, S, k) int from `capacity_positions`.
       weights: (G, S, k) gate weights.
@@ -192,14 +194,14 @@ def capacity_combine(
     Returns:
       (G, S, d) in y's dtype.
     """
-    g, num_experts, c, _ = y.shape
+    num_experts, g, c, _ = y.shape
     if c != capacity:
         raise ValueError(f"capacity_combine: y has {c} slots per expert, capacity={capacity}")
     kept = _kept(expert_ids, positions, capacity, num_experts)  # [G, S, K]
     e_idx = jnp.clip(expert_ids, 0, num_experts - 1)  # [G, S, K]
     c_idx = jnp.clip(positions, 0, capacity - 1)  # [G, S, K]
     g_idx = jnp.arange(g)[:, None, None]  # [G, 1, 1]
-    rows = y[g_idx, e_idx, c_idx]  # [G, S, K, d]
+    rows = y[e_idx, g_idx, c_idx]  # [G, S, K, d]
     w = jnp.where(kept, weights.astype(jnp.float32), 0.0)  # [G, S, K]
     out = jnp.einsum("gskd,gsk->gsd", rows.astype(jnp.float32), w)
     return out.astype(y.dtype)

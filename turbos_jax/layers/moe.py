@@ -26,8 +26,8 @@ every expert has C = cfg.capacity(L) = ceil(capacity_factor * L * k / E) slots p
   b. A choice whose slot is >= C is dropped: it contributes nothing and its gate weight is NOT
      re-spread over the token's other choices. Under overflow the latest tokens lose their
      choices first. Documents packed into one sequence share its capacity.
-  c. tokens -> (G, E, C, D) buffers (scatter), experts as einsums over that buffer, gate-weighted
-     gather back to (G, S, D).
+  c. tokens -> expert-major (E, G, C, D) buffers (scatter), experts as einsums batched over the
+     leading E, gate-weighted gather back to (G, S, D).
   d. Expert parallelism (cfg.expert_parallel == "auto" and the mesh in context has expert > 1):
      step c runs inside `jax.shard_map` with two all-to-alls over the `expert` axis; see
      `_capacity_expert_parallel` and docs/sharding.md. Per-sequence capacity makes the result
@@ -133,27 +133,28 @@ class MoEFFN(nnx.Module):
         mesh = self._expert_parallel_mesh(b)
         if mesh is not None:
             return self._capacity_expert_parallel(mesh, x, ids, pos, gates, c, impl), dropped
-        xe = moe_ops.capacity_dispatch(x, ids, pos, c, e, impl=impl)  # [G, E, C, D]
-        xe = constrain(xe, ("batch", "expert", None, None))
-        hg = jnp.einsum("gecd,edf->gecf", xe, self.wi_gate[...].astype(dt))  # [G, E, C, F]
-        hu = jnp.einsum("gecd,edf->gecf", xe, self.wi_up[...].astype(dt))  # [G, E, C, F]
-        h = constrain(jax.nn.silu(hg) * hu, ("batch", "expert", None, "mlp"))
-        ye = jnp.einsum("gecf,efd->gecd", h, self.wo[...].astype(dt))  # [G, E, C, D]
-        ye = constrain(ye, ("batch", "expert", None, None))
+        xe = moe_ops.capacity_dispatch(x, ids, pos, c, e, impl=impl)  # [E, G, C, D]
+        xe = constrain(xe, ("expert", "batch", None, None))
+        hg = jnp.einsum("egcd,edf->egcf", xe, self.wi_gate[...].astype(dt))  # [E, G, C, F]
+        hu = jnp.einsum("egcd,edf->egcf", xe, self.wi_up[...].astype(dt))  # [E, G, C, F]
+        h = constrain(jax.nn.silu(hg) * hu, ("expert", "batch", None, "mlp"))
+        ye = jnp.einsum("egcf,efd->egcd", h, self.wo[...].astype(dt))  # [E, G, C, D]
+        ye = constrain(ye, ("expert", "batch", None, None))
         y = moe_ops.capacity_combine(ye, ids, pos, gates, c, impl=impl)  # [G, S, D]
         return y, dropped
 
-    def _expert_parallel_mesh(self, batch: int):
+    def _expert_parallel_mesh(self, batch: int, kernels: bool = False):
         """The context mesh when the all-to-all path applies, else None (GSPMD path).
 
         Applies when cfg.expert_parallel == "auto", the mesh has an `expert` axis of size > 1 that
         divides num_experts, the batch divides over (data, expert) and expert_dim over `model`.
+        With Pallas kernels (`kernels`), which GSPMD cannot partition, it applies on any mesh.
         """
         cfg = self.cfg
-        if cfg.expert_parallel == "none":
+        if cfg.expert_parallel == "none" and not kernels:
             return None
         mesh = jax.sharding.get_abstract_mesh()
-        if mesh is None or mesh.empty or mesh.shape.get("expert", 1) == 1:
+        if mesh is None or mesh.empty or (mesh.shape.get("expert", 1) == 1 and not kernels):
             return None
         shape = mesh.shape
         n_batch = math.prod(shape[a] for a in ("data", "expert") if a in shape)
@@ -166,13 +167,13 @@ class MoEFFN(nnx.Module):
         """Capacity-mode experts with the mesh axes manual: -> y (G, S, D).
 
         Per device (ep = mesh expert size, El = E / ep, Gl = local sequences, Fm = F / model):
-          1. dispatch its Gl sequences locally into (Gl, E, C, D) buffers;
+          1. dispatch its Gl sequences locally into expert-major (E, Gl, C, D) buffers;
           2. all-to-all over `expert`: split E into ep blocks of El experts, send block j to expert
-             shard j, concatenate what arrives along G -> (ep * Gl, El, C, D): every slot of this
+             shard j, concatenate what arrives along G -> (El, ep * Gl, C, D): every slot of this
              shard's experts, from every sequence of the ep devices in its expert group;
           3. the SwiGLU einsums with the local (El, D, Fm) / (El, Fm, D) weights; psum over `model`
              (the F contraction is split over it);
-          4. the inverse all-to-all -> (Gl, E, C, D), and the local gate-weighted combine.
+          4. the inverse all-to-all -> (E, Gl, C, D), and the local gate-weighted combine.
         Weights enter gathered over `data` (FSDP) and sharded (expert, -, model).
         """
         cfg = self.cfg
@@ -183,14 +184,14 @@ class MoEFFN(nnx.Module):
         tok = P(batch_axes, None, None)
 
         def body(x, ids, pos, gates, wg, wu, wo):
-            xe = moe_ops.capacity_dispatch(x, ids, pos, c, e, impl=impl)  # [Gl, E, C, D]
-            xe = jax.lax.all_to_all(xe, "expert", 1, 0, tiled=True)  # [ep*Gl, El, C, D]
-            hg = jnp.einsum("gecd,edf->gecf", xe, wg)  # [ep*Gl, El, C, Fm]
-            hu = jnp.einsum("gecd,edf->gecf", xe, wu)  # [ep*Gl, El, C, Fm]
-            ye = jnp.einsum("gecf,efd->gecd", jax.nn.silu(hg) * hu, wo)  # [ep*Gl, El, C, D]
+            xe = moe_ops.capacity_dispatch(x, ids, pos, c, e, impl=impl)  # [E, Gl, C, D]
+            xe = jax.lax.all_to_all(xe, "expert", 0, 1, tiled=True)  # [El, ep*Gl, C, D]
+            hg = jnp.einsum("egcd,edf->egcf", xe, wg)  # [El, ep*Gl, C, Fm]
+            hu = jnp.einsum("egcd,edf->egcf", xe, wu)  # [El, ep*Gl, C, Fm]
+            ye = jnp.einsum("egcf,efd->egcd", jax.nn.silu(hg) * hu, wo)  # [El, ep*Gl, C, D]
             if model is not None:
                 ye = jax.lax.psum(ye, model)
-            ye = jax.lax.all_to_all(ye, "expert", 0, 1, tiled=True)  # [Gl, E, C, D]
+            ye = jax.lax.all_to_all(ye, "expert", 1, 0, tiled=True)  # [E, Gl, C, D]
             return moe_ops.capacity_combine(ye, ids, pos, gates, c, impl=impl)  # [Gl, S, D]
 
         w_in, w_out = P("expert", None, model), P("expert", model, None)
@@ -239,8 +240,9 @@ class MoEFFN(nnx.Module):
             return y.reshape(bl, l, d)
 
         w_in, w_out = P("expert", None, model), P("expert", model, None)
+        # Kernel outputs (megablox, the Pallas row kernels) carry no varying-axes types.
         fn = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out),
-                           out_specs=tok)
+                           out_specs=tok, check_vma=impl != "pallas")
         return fn(x, ids, gates, self.wi_gate[...].astype(dt), self.wi_up[...].astype(dt),
                   self.wo[...].astype(dt))
 
@@ -248,7 +250,7 @@ class MoEFFN(nnx.Module):
         cfg = self.cfg
         b, l, d = x.shape
         k, e, dt = cfg.top_k, cfg.num_experts, cfg.dtype
-        mesh = self._expert_parallel_mesh(b)
+        mesh = self._expert_parallel_mesh(b, kernels=impl == "pallas")
         if mesh is not None:
             return self._dropless_expert_parallel(mesh, x, ids, gates, impl)
         xt = x.reshape(b * l, d)  # [T, D]
