@@ -10,6 +10,10 @@ from configs import turbos
 
 def get_config():
     config = turbos.get_config()
+    config.total_steps = 20_000
+    config.batch_size, config.grad_accum_steps, config.seq_len = 32, 1, 1024
+    config.checkpoint_every_steps = 1000
+    config.optim.schedule = (("warmup", 500, 1e-3), ("cosine", 19_500, 1e-4))
     config.mesh.data, config.mesh.expert, config.mesh.model = -1, 1, 1  # all devices on data
     m = config.model
     m.layout = ("AF" + "MF" * 3) * 2  # 2 A, 6 M, 8 F = 16 layers

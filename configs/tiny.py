@@ -13,6 +13,7 @@ def get_config():
     config = turbos.get_config()
     config.total_steps = 300
     config.batch_size = 8
+    config.grad_accum_steps = 1
     config.seq_len = 128
     config.log_every_steps = 10
     config.eval_every_steps = 100

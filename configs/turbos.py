@@ -20,6 +20,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.seed = 0  # parameter init and data order both derive from it
     config.total_steps = 1_800_000  # optimizer steps (16T tokens / ~9M tokens per step)
     config.batch_size = 2240  # global sequences per step: 2240 x 4096 = ~9.2M tokens
+    # Microbatches per optimizer step (gradients summed in fp32; same update, less activation
+    # memory): 2240 = 7 x 320 fits v5p-1024 (turbos_jax.aot, docs/sharding.md).
+    config.grad_accum_steps = 7
     config.seq_len = 4096  # packed sequence length (4K pre-training)
     config.log_every_steps = 10  # metrics.jsonl / TensorBoard / console cadence
     config.eval_every_steps = 2000  # held-out loss cadence (0 = never)
@@ -98,7 +101,9 @@ def get_config() -> ml_collections.ConfigDict:
     m.param_dtype = "float32"  # parameter (master weight) dtype
     m.remat_policy = "full"  # none | full | dots | dots_no_batch | save_mixer_outputs
     m.scan_layers = True  # lax.scan over the repeated period (False: unrolled loop, same params)
-    m.kernel_impl = "auto"  # xla | auto (fastest available; pallas kernels join in issue 4)
+    # Hot-path ops: "xla" (pure-JAX reference ops), "pallas" (Pallas kernels: Mosaic on TPU, Triton
+    # on GPU, interpret mode on CPU -- tests only), "auto" (pallas on TPU/GPU, xla on CPU).
+    m.kernel_impl = "auto"
     # --- generation caches (turbos_jax/generation, docs/generation.md)
     m.kv_cache_dtype = "bfloat16"  # attention K/V cache entries (B, max_len, K, Dh) per A layer
     m.ssm_state_dtype = "float32"  # Mamba2 SSM state (B, H, P, N): fp32 as the report keeps it

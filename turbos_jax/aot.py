@@ -9,7 +9,8 @@ Answers "does this config fit, and how much HBM does one step take per chip?" wi
   2. The mesh comes from `config.mesh` over those devices, checked as in training.
   3. The abstract train state (parameters, AdamW state, step) gets the training shardings; the batch
      is (batch_size, seq_len) int32/float32 sharded over (data, expert).
-  4. `jax.jit(train_step).lower(...).compile()` for the TPU: the same function the trainer runs.
+  4. `jax.jit(train_step).lower(...).compile()` for the TPU: the same function the trainer runs,
+     with `kernel_impl = "auto"` meaning the Pallas (Mosaic) kernels, as it does on a TPU host.
   5. `compiled.memory_analysis()` gives per-device bytes (arguments, outputs, temporaries, generated
      code, aliased); total = arguments + outputs + temporaries + generated code - aliased (the
      donated state's outputs reuse its buffers). `cost_analysis()` gives the step's FLOPs (per
@@ -27,6 +28,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host runs nothing; the TPU 
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
 
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 
 import jax  # noqa: E402
@@ -70,10 +72,13 @@ def analyse(config, topology: str) -> dict:
     from turbos_jax.step import make_train_step, train_setup
 
     model_cfg = ModelConfig.from_config(config.model)
+    if model_cfg.kernel_impl == "auto":  # "auto" means the kernels of the platform compiled for
+        model_cfg = dataclasses.replace(model_cfg, kernel_impl="pallas")
     check_train_config(config)
     devices = topology_devices(topology)
     mesh = sharding.make_mesh(config.mesh, devices, model_cfg=model_cfg,
-                              batch_size=config.batch_size)
+                              batch_size=config.batch_size,
+                              grad_accum_steps=config.grad_accum_steps)
     graphdef, tx, schedule, init_state, abstract_state = train_setup(config, model_cfg)
     state_shardings = sharding.named_shardings(abstract_state, mesh)
     batch_sharding = NamedSharding(mesh, P(("data", "expert")))
@@ -81,7 +86,7 @@ def analyse(config, topology: str) -> dict:
     batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_mask" else jnp.int32,
                                      sharding=batch_sharding)
              for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
-    train_step = make_train_step(graphdef, tx, schedule, batch_sharding)
+    train_step = make_train_step(graphdef, tx, schedule, batch_sharding, config.grad_accum_steps)
     with jax.set_mesh(mesh):
         state = sharding.sharded_abstract(abstract_state, mesh)
         step = jax.jit(train_step, in_shardings=(state_shardings, None),
@@ -120,11 +125,14 @@ def analyse(config, topology: str) -> dict:
     per_device["total"] = (per_device["arguments"] + per_device["outputs"]
                            + per_device["temporaries"] + per_device["generated_code"]
                            - per_device["aliased"])
+    hlo = compiled.as_text()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return report | {
         "per_device_bytes": per_device,
         "flops_per_device": float(cost.get("flops", 0.0)) if cost else None,
+        "kernel_impl": model_cfg.kernel_impl,
+        "mosaic_kernel_calls": hlo.count('custom_call_target="tpu_custom_call"'),
         "fits": None if hbm is None else per_device["total"] <= hbm,
     }
 
@@ -141,6 +149,8 @@ def format_table(r: dict) -> str:
         lines += [f"  {k:<15}{gib(v)}" for k, v in r["per_device_bytes"].items()]
     if r["flops_per_device"] is not None:
         lines.append(f"FLOPs/step per device  {r['flops_per_device']:.4g}")
+    if "kernel_impl" in r:
+        lines.append(f"kernels    {r['kernel_impl']} ({r['mosaic_kernel_calls']} Mosaic calls)")
     if r["hbm_bytes"] is None:
         lines.append("HBM        unknown chip: no fit verdict")
     else:

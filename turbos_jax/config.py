@@ -21,7 +21,7 @@ import jax.numpy as jnp
 
 LAYER_SYMBOLS = {"A": "attention", "M": "mamba2", "F": "moe"}
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_mixer_outputs")
-KERNEL_IMPLS = ("xla", "auto")  # "pallas" joins with the kernels
+KERNEL_IMPLS = ("xla", "pallas", "auto")  # see pallas_kernels/__init__.py
 EXPERT_PARALLEL = ("auto", "none")  # MoE dispatch across the mesh's expert axis (layers/moe.py)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -202,15 +202,17 @@ def check_train_config(config) -> None:
     def fail(key, msg):
         raise ConfigError(f"config.{key}={config[key]!r}: {msg}")
 
-    for key in ("seed", "total_steps", "batch_size", "seq_len", "log_every_steps",
+    for key in ("seed", "total_steps", "batch_size", "grad_accum_steps", "seq_len", "log_every_steps",
                 "eval_every_steps", "eval_batches", "checkpoint_every_steps", "keep_checkpoints",
                 "on_nonfinite"):
         if key not in config:
             raise ConfigError(f"config.{key}: required key is missing")
-    for key in ("total_steps", "batch_size", "seq_len", "log_every_steps",
+    for key in ("total_steps", "batch_size", "grad_accum_steps", "seq_len", "log_every_steps",
                 "checkpoint_every_steps", "keep_checkpoints"):
         if not isinstance(config[key], int) or config[key] <= 0:
             fail(key, "must be a positive integer")
+    if config.batch_size % config.grad_accum_steps:
+        fail("grad_accum_steps", f"must divide config.batch_size={config.batch_size}")
     for key in ("eval_every_steps", "eval_batches"):
         if not isinstance(config[key], int) or config[key] < 0:
             fail(key, "must be an integer >= 0")

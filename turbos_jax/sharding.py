@@ -162,6 +162,28 @@ def constrain(x: jax.Array, names: Names) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, spec)
 
 
+def manual_over_mesh(fn: Callable, in_names: Sequence, out_names) -> Callable:
+    """`fn` under `jax.shard_map` over the mesh in context, each argument and output sharded by its
+    logical names (a tuple of names per array, None for an argument that is None); `fn` itself
+    when no mesh is in context. For Pallas kernels, which GSPMD cannot partition: inside, `fn`
+    sees its shard (e.g. its batch rows and heads) and must need no communication."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return fn
+    present = set(mesh.axis_names)
+
+    def spec(names):
+        if names is None:
+            return None
+        return PartitionSpec(*[_keep_axes(s, present) for s in activation_spec(names)])
+
+    is_names = lambda n: n is None or (isinstance(n, tuple) and all(
+        isinstance(a, str | None) for a in n))
+    in_specs = tuple(spec(n) for n in in_names)
+    out_specs = jax.tree.map(spec, out_names, is_leaf=is_names)
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+
 def _keep_axes(entry, present):
     if entry is None:
         return None
@@ -208,12 +230,14 @@ def mesh_shape(mesh_cfg: Mapping, num_devices: int) -> dict[str, int]:
     return {a: cfg[a] for a in MESH_AXES}
 
 
-def check_mesh(shape: Mapping[str, int], model_cfg=None, batch_size: int | None = None) -> None:
+def check_mesh(shape: Mapping[str, int], model_cfg=None, batch_size: int | None = None,
+               grad_accum_steps: int = 1) -> None:
     """Divisibility of the model and batch by the mesh axes that shard them; one-line ConfigErrors.
 
     Every sharded dimension must divide evenly (there is no silent fallback to replication):
     heads, KV heads, Mamba2 heads and groups, the expert and vocabulary sizes by `model`; experts by
-    `expert`; d_model (FSDP) by `data`; the global batch by `data * expert`.
+    `expert`; d_model (FSDP) by `data`; each microbatch (batch_size / grad_accum_steps) by
+    `data * expert`.
     """
     if model_cfg is not None:
         checks = (
@@ -230,13 +254,15 @@ def check_mesh(shape: Mapping[str, int], model_cfg=None, batch_size: int | None 
                                       f"config.mesh.{axis}={shape[axis]}")
     if batch_size is not None:
         n = shape["data"] * shape["expert"]
-        if batch_size % n:
-            raise ConfigError(f"config.batch_size={batch_size!r}: must be divisible by "
-                              f"mesh data x expert = {shape['data']} x {shape['expert']} = {n}")
+        if batch_size % (n * grad_accum_steps):
+            accum = f" x grad_accum_steps {grad_accum_steps}" if grad_accum_steps > 1 else ""
+            raise ConfigError(f"config.batch_size={batch_size!r}: must be divisible by mesh data x "
+                              f"expert = {shape['data']} x {shape['expert']}{accum} = "
+                              f"{n * grad_accum_steps}")
 
 
 def make_mesh(mesh_cfg: Mapping, devices: Sequence[jax.Device] | None = None, *, model_cfg=None,
-              batch_size: int | None = None) -> jax.sharding.Mesh:
+              batch_size: int | None = None, grad_accum_steps: int = 1) -> jax.sharding.Mesh:
     """`jax.make_mesh` with Auto axes (data, expert, model, context) sized by `config.mesh`.
 
     `devices` defaults to all devices; `model_cfg` / `batch_size`, when given, are checked with
@@ -244,7 +270,7 @@ def make_mesh(mesh_cfg: Mapping, devices: Sequence[jax.Device] | None = None, *,
     """
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(mesh_cfg, len(devices))
-    check_mesh(shape, model_cfg, batch_size)
+    check_mesh(shape, model_cfg, batch_size, grad_accum_steps)
     return jax.make_mesh(tuple(shape[a] for a in MESH_AXES), MESH_AXES,
                          axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
                          devices=devices)

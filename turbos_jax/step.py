@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 
 class TrainSetup(NamedTuple):
@@ -39,23 +41,74 @@ def train_setup(config, model_cfg) -> TrainSetup:
     return TrainSetup(graphdef, tx, schedule, init_state, jax.eval_shape(init_state))
 
 
-def loss_fn(params, graphdef, batch):
-    """Next-token cross-entropy over loss_mask (no loss across documents) + weighted MoE losses."""
+def loss_fn(params, graphdef, batch, num_targets=None):
+    """Next-token cross-entropy over loss_mask (no loss across documents) + weighted MoE losses.
+
+    The CE is summed over the batch and divided by `num_targets` (default: this batch's
+    loss_mask sum), so microbatches divided by the whole batch's count sum to the full-batch CE.
+    """
     logits, aux = nnx.merge(graphdef, params)(batch["inputs"], batch["segment_ids"],
                                               batch["positions"])
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     mask = batch["loss_mask"].astype(jnp.float32)
-    ce = jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    if num_targets is None:
+        num_targets = jnp.maximum(jnp.sum(mask), 1.0)
+    ce = jnp.sum(ce * mask) / num_targets
     return ce + aux["aux_loss"], (ce, aux)
 
 
-def make_train_step(graphdef, tx, schedule, batch_sharding):
-    """The (unjitted) optimizer step `(state, batch) -> (state, metrics)`; also lowered by `aot`."""
+def _accumulated_grads(params, graphdef, batch, accum_steps: int, batch_sharding):
+    """Loss, (CE, aux) and gradients of the whole batch, computed over `accum_steps` microbatches.
+
+    1. Microbatch j takes rows j, j + k, j + 2k, ... (k = accum_steps): each device's contiguous
+       block of the (data, expert)-sharded batch holds rows of every microbatch, so splitting moves
+       no data between devices.
+    2. A `lax.scan` over microbatches sums fp32 gradients; the CE of each microbatch is divided by
+       the whole batch's target count, so the summed CE gradient is the full-batch one exactly.
+    3. MoE aux losses (and their gradients and metrics) are the mean over microbatches: they are
+       batch statistics, and a microbatch is the batch the router sees at once.
+    """
+    num_targets = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+    spec = batch_sharding.spec
+
+    def split(v):  # [B, ...] -> [k, B/k, ...] with microbatch j = rows j::k
+        v = v.reshape(v.shape[0] // accum_steps, accum_steps, *v.shape[1:]).swapaxes(0, 1)
+        return jax.lax.with_sharding_constraint(v, NamedSharding(batch_sharding.mesh, P(None, *spec)))
+
+    def micro_loss(p, mb):
+        loss, (ce, aux) = loss_fn(p, graphdef, mb, num_targets)
+        aux = jax.tree.map(lambda a: a / accum_steps, aux)
+        return ce + aux["aux_loss"], (ce, aux)
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def body(carry, mb):
+        (loss, (ce, aux)), grads = grad_fn(params, mb)
+        carry = jax.tree.map(jnp.add, carry, (loss, ce, aux, grads))
+        return carry, None
+
+    (loss, (ce, aux)), grads_shape = jax.eval_shape(grad_fn, params, jax.tree.map(
+        lambda v: jax.ShapeDtypeStruct((v.shape[0] // accum_steps, *v.shape[1:]), v.dtype), batch))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), (loss, ce, aux, grads_shape))
+    (loss, ce, aux, grads), _ = jax.lax.scan(body, zeros, jax.tree.map(split, batch))
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+    return (loss, (ce, aux)), grads
+
+
+def make_train_step(graphdef, tx, schedule, batch_sharding, grad_accum_steps: int = 1):
+    """The (unjitted) optimizer step `(state, batch) -> (state, metrics)`; also lowered by `aot`.
+
+    With `grad_accum_steps` > 1 the batch is processed in that many sequential microbatches whose
+    gradients are summed before the one optimizer update (see `_accumulated_grads`)."""
 
     def train_step(state, batch):
         batch = {k: jax.lax.with_sharding_constraint(v, batch_sharding) for k, v in batch.items()}
-        (loss, (ce, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state["params"], graphdef, batch)
+        if grad_accum_steps > 1:
+            (loss, (ce, aux)), grads = _accumulated_grads(state["params"], graphdef, batch,
+                                                          grad_accum_steps, batch_sharding)
+        else:
+            (loss, (ce, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                state["params"], graphdef, batch)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)

@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
-from turbos_jax import accounting, cli, metrics, sharding
+from turbos_jax import accounting, cli, distributed, metrics, sharding
 from turbos_jax.checkpointing import Checkpointer
 from turbos_jax.config import ConfigError, ModelConfig, check_train_config
 from turbos_jax.data import DataError, make_eval_iterator, make_train_iterator
@@ -50,7 +50,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # ============================================================================ mesh
     if "mesh" not in config:
         raise ConfigError("config.mesh: required key is missing (see configs/turbos.py)")
-    mesh = sharding.make_mesh(config.mesh, model_cfg=model_cfg, batch_size=config.batch_size)
+    mesh = sharding.make_mesh(config.mesh, model_cfg=model_cfg, batch_size=config.batch_size,
+                              grad_accum_steps=config.grad_accum_steps)
     batch_sharding = NamedSharding(mesh, P(("data", "expert")))
 
     # ============================================================================ data
@@ -81,7 +82,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     flops_per_token = accounting.training_flops_per_token(model_cfg, config.seq_len)["total"]
     skip_nonfinite = config.on_nonfinite == "skip"
 
-    train_step = make_train_step(graphdef, tx, schedule, batch_sharding)
+    train_step = make_train_step(graphdef, tx, schedule, batch_sharding, config.grad_accum_steps)
 
     def eval_step(params, batch):
         _, (ce, _) = loss_fn(params, graphdef, batch)
@@ -181,6 +182,7 @@ def main(argv):
     if _CONFIG.value is None or not _WORKDIR.value:
         raise app.UsageError("--config and --workdir are required, e.g. "
                              "--config=configs/tiny.py --workdir=/tmp/tiny")
+    distributed.maybe_initialize()  # multi-host: before anything touches a device
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
