@@ -1,0 +1,176 @@
+"""Multi-process (multi-host) start-up: `jax.distributed.initialize` from flags or the environment.
+
+Every process of a multi-host job must call `jax.distributed.initialize` before JAX touches a device;
+afterwards `jax.devices()` lists the devices of all processes, a mesh can span hosts, and Orbax and
+Grain see `jax.process_index()` / `jax.process_count()`. `maybe_initialize()` decides whether and how
+to call it, in this order:
+
+1. Flags `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`, each falling back to the
+   environment variable `JAX_COORDINATOR_ADDRESS` / `JAX_NUM_PROCESSES` / `JAX_PROCESS_ID`. If any is
+   set the job is explicitly configured: the values are checked (a bad combination is a one-line
+   `DistributedError` naming the flag or variable) and, for N > 1, passed to JAX. Values left unset
+   are auto-detected by JAX only inside a cluster environment it knows (below); elsewhere they are
+   required.
+2. Nothing set: initialise (with JAX's own auto-detection) only inside a multi-process cluster
+   environment -- a Cloud TPU VM slice with more than one worker (TPU_WORKER_HOSTNAMES /
+   TPU_PROCESS_ADDRESSES, or the GCE metadata server's worker list), a Slurm job step with
+   SLURM_NTASKS > 1, or an Open MPI job with OMPI_COMM_WORLD_SIZE > 1.
+3. Otherwise (one machine, one process): do nothing; JAX runs single-process as usual.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import urllib.request
+
+import jax
+from absl import flags
+
+from turbos_jax import cli
+
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "HOST:PORT of process 0's coordination service, identical on every process (multi-host; "
+    "default: $JAX_COORDINATOR_ADDRESS, or auto-detected on TPU pods / Slurm / Open MPI).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Number of processes in the job (default: $JAX_NUM_PROCESSES or auto).")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index in [0, num_processes) (default: $JAX_PROCESS_ID or auto).")
+
+ENV = {"coordinator_address": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
+       "process_id": "JAX_PROCESS_ID"}
+_GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips show up as Google PCI devices on a Cloud TPU VM
+_METADATA_URL = ("http://metadata.google.internal/computeMetadata/v1/instance/attributes/"
+                 "worker-network-endpoints")
+
+
+class DistributedError(cli.UserError):
+    """The multi-process settings are inconsistent or the coordination service was unreachable."""
+
+
+def _setting(name: str, flag_value, environ) -> tuple[object, str]:
+    """(value, how to name it in an error): the flag if given, else its environment variable."""
+    if flag_value is not None:
+        return flag_value, f"--{name}={flag_value}"
+    raw = environ.get(ENV[name], "").strip()
+    if not raw:
+        return None, f"--{name}"
+    if name == "coordinator_address":
+        return raw, f"{ENV[name]}={raw}"
+    try:
+        return int(raw), f"{ENV[name]}={raw}"
+    except ValueError:
+        raise DistributedError(f"{ENV[name]}={raw!r}: must be an integer") from None
+
+
+def _count(hosts: str) -> int:
+    return len([h for h in hosts.split(",") if h.strip()])
+
+
+def _tpu_workers(environ) -> int:
+    """Number of workers of the Cloud TPU slice this VM belongs to (0: not a TPU VM)."""
+    hosts = environ.get("TPU_PROCESS_ADDRESSES") or environ.get("TPU_WORKER_HOSTNAMES")
+    if hosts:
+        return _count(hosts)
+    if environ.get("TPU_SKIP_MDS_QUERY") is not None:
+        return 0
+    vendors = []
+    for path in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        try:
+            with open(path) as f:
+                vendors.append(f.read().strip())
+        except OSError:
+            pass
+    if _GOOGLE_PCI_VENDOR not in vendors:
+        return 0
+    try:  # a TPU VM: the metadata server lists every worker of the slice
+        req = urllib.request.Request(_METADATA_URL, headers={"Metadata-Flavor": "Google"})
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return _count(r.read().decode())
+    except OSError:
+        return 1
+
+
+def detect_cluster(environ=None) -> str | None:
+    """The multi-process cluster environment JAX can configure itself from, or None."""
+    environ = os.environ if environ is None else environ
+    slurm = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+    if all(k in environ for k in slurm) and environ["SLURM_NTASKS"].strip().isdigit() \
+            and int(environ["SLURM_NTASKS"]) > 1:
+        return "slurm"
+    size = environ.get("OMPI_COMM_WORLD_SIZE", "").strip()
+    if "OMPI_MCA_orte_hnp_uri" in environ and size.isdigit() and int(size) > 1:
+        return "openmpi"
+    if _tpu_workers(environ) > 1:
+        return "tpu"
+    return None
+
+
+def resolve(coordinator_address=None, num_processes=None, process_id=None, environ=None,
+            cluster: str | None = "detect") -> dict | None:
+    """The keyword arguments for `jax.distributed.initialize`, or None for a single process.
+
+    Raises DistributedError (one line naming the flag or variable) for an inconsistent combination.
+    `cluster` is the detected cluster environment ("detect": look it up with `detect_cluster`).
+    """
+    environ = os.environ if environ is None else environ
+    addr, addr_name = _setting("coordinator_address", coordinator_address, environ)
+    n, n_name = _setting("num_processes", num_processes, environ)
+    pid, pid_name = _setting("process_id", process_id, environ)
+
+    if addr is None and n is None and pid is None:
+        cluster = detect_cluster(environ) if cluster == "detect" else cluster
+        return {} if cluster else None  # {}: let JAX detect everything
+    if n is not None and n < 1:
+        raise DistributedError(f"{n_name}: must be >= 1")
+    if pid is not None and pid < 0:
+        raise DistributedError(f"{pid_name}: must be >= 0")
+    if pid is not None and n is None:
+        raise DistributedError(f"{pid_name} was given without --num_processes (or JAX_NUM_PROCESSES)")
+    if pid is not None and pid >= n:
+        raise DistributedError(f"{pid_name}: must be < {n_name} (process ids are 0 ... {n - 1})")
+    if addr is not None:
+        host, _, port = str(addr).rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise DistributedError(f"{addr_name}: must be HOST:PORT, e.g. 10.0.0.2:8476")
+    if n == 1:
+        return None  # an explicit single-process job
+    if None in (addr, n, pid):
+        cluster = detect_cluster(environ) if cluster == "detect" else cluster
+        if not cluster:  # JAX could only fill the gaps from a cluster environment
+            missing = [name for name, v in (("--coordinator_address", addr), ("--num_processes", n),
+                                            ("--process_id", pid)) if v is None]
+            given = next(name for name, v in ((addr_name, addr), (n_name, n), (pid_name, pid))
+                         if v is not None)
+            raise DistributedError(f"{given} also needs {' and '.join(missing)} (or the matching "
+                                   "JAX_* environment variables) outside a TPU pod / Slurm / MPI job")
+    return {k: v for k, v in (("coordinator_address", addr), ("num_processes", n),
+                              ("process_id", pid)) if v is not None}
+
+
+def maybe_initialize(*, verbose: bool = True) -> bool:
+    """Initialises JAX's distributed runtime if this is a multi-process job (see the module
+    docstring); returns whether it did. Call before anything touches a JAX device."""
+    if jax.distributed.is_initialized():
+        return True
+    kwargs = resolve(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if kwargs is None:
+        return False
+    try:
+        jax.distributed.initialize(**kwargs)
+    except (RuntimeError, ValueError, TypeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        shown = ", ".join(f"{k}={v}" for k, v in kwargs.items()) or "auto-detected"
+        raise DistributedError(f"jax.distributed.initialize({shown}) failed: {first}") from None
+    if verbose:
+        print(describe(), flush=True)
+    return True
+
+
+def describe() -> str:
+    """One line: this process, its devices, and the whole job's devices."""
+    local = jax.local_devices()
+    kinds = sorted({d.device_kind for d in local})
+    return (f"process {jax.process_index()}/{jax.process_count()}, local devices {len(local)} "
+            f"({', '.join(kinds)}), global devices {jax.device_count()}")
