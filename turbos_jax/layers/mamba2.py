@@ -146,9 +146,19 @@ class Mamba2(nnx.Module):
         z, xs, b, c, dts = self.project(x)
         xs, b, c = self.convolve(xs, b, c, segment_ids)
         a, d_skip, dt_bias = self.ssm_params()
-        y = mamba2_ops.chunk_scan(
-            xs, dts, a, b, c, cfg.mamba_chunk, D=d_skip, dt_bias=dt_bias, seq_idx=segment_ids,
-            dt_softplus=True, dt_limit=cfg.mamba_dt_limit, impl=resolve_impl(cfg.kernel_impl))
+        impl = resolve_impl(cfg.kernel_impl)
+
+        def scan(xs, dts, a, b, c, d_skip, dt_bias, segment_ids):
+            return mamba2_ops.chunk_scan(
+                xs, dts, a, b, c, cfg.mamba_chunk, D=d_skip, dt_bias=dt_bias, seq_idx=segment_ids,
+                dt_softplus=True, dt_limit=cfg.mamba_dt_limit, impl=impl)
+
+        if impl == "pallas":  # GSPMD cannot split a kernel: each device scans its rows and heads
+            act, per_head = ("batch", "seq", "heads", None), ("heads",)
+            scan = sharding.manual_over_mesh(
+                scan, (act, ("batch", "seq", "heads"), per_head, act, act, per_head, per_head,
+                       ("batch", "seq")), act)
+        y = scan(xs, dts, a, b, c, d_skip, dt_bias, segment_ids)
         return self.output(y, z)
 
     # ------------------------------------------------------------------ generation (state cache)
