@@ -7,11 +7,19 @@ are removed (keeping `keep_checkpoints`) only after a newer one has been finalis
 Restoring walks the steps newest first. A step that fails to restore (truncated or corrupted files,
 missing items) is reported in one line and moved aside to WORKDIR/checkpoints/corrupt-<step>-<time>
 (kept for inspection, never deleted), and the previous step is tried.
+
+Multi-process (docs/sharding.md): every process calls save and restore; the directory must be one
+shared filesystem path. Orbax writes each array shard once and restores onto whatever mesh the
+abstract target carries, so the mesh shape may change between runs. The data iterator is per
+process (`data/process_<i>-of-<n>.json`), so a step restores only with the process count that saved
+it: a mismatch is a one-line `ProcessCountMismatchError`, not a corrupt step.
 """
 
 from __future__ import annotations
 
+import glob
 import os
+import re
 import time
 from typing import Any
 
@@ -20,9 +28,15 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from turbos_jax import cli
+
 
 class CheckpointError(RuntimeError):
     """No checkpoint in the directory could be restored."""
+
+
+class ProcessCountMismatchError(CheckpointError, cli.UserError):
+    """The newest checkpoint's data-iterator state was saved by a different number of processes."""
 
 
 class Checkpointer:
@@ -56,6 +70,7 @@ class Checkpointer:
         """Restores the newest readable step into `abstract_state` (ShapeDtypeStructs with
         shardings) and `data_iterator` (in place). Returns (step, state) or (None, None)."""
         for step in reversed(self.steps()):
+            self._check_process_count(step)
             try:
                 restored = self._manager.restore(
                     step,
@@ -74,11 +89,26 @@ class Checkpointer:
             return step, restored["state"]
         return None, None
 
+    def _check_process_count(self, step: int) -> None:
+        """Raises ProcessCountMismatchError if `step` holds data-iterator state only for another
+        process count (grain names the files process_<i>-of-<n>.json). Every process sees the same
+        files, so all of them raise together instead of some moving the step aside."""
+        files = glob.glob(os.path.join(self.directory, str(step), "data", "process_*-of-*.json"))
+        counts = {int(m.group(1)) for f in files
+                  if (m := re.fullmatch(r"process_\d+-of-(\d+)\.json", os.path.basename(f)))}
+        if counts and jax.process_count() not in counts:
+            raise ProcessCountMismatchError(
+                f"checkpoint step {step} in {self.directory} was saved by {max(counts)} process(es) "
+                f"but this job has {jax.process_count()}: the data iterator's position is per "
+                "process, so resume with the same number of processes (the mesh shape may change)")
+
     def _move_aside(self, step: int) -> str:
         src = os.path.join(self.directory, str(step))
         dst = os.path.join(self.directory, f"corrupt-{step}-{time.strftime('%Y%m%d-%H%M%S')}")
         if jax.process_index() == 0 and os.path.exists(src):
             os.rename(src, dst)
+        if jax.process_count() > 1:  # nobody re-lists the steps before process 0 has renamed
+            ocp.multihost.sync_global_processes(f"turbos_move_aside_{step}")
         self._manager.reload()
         return dst
 

@@ -163,6 +163,13 @@ def maybe_initialize(*, verbose: bool = True) -> bool:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         shown = ", ".join(f"{k}={v}" for k, v in kwargs.items()) or "auto-detected"
         raise DistributedError(f"jax.distributed.initialize({shown}) failed: {first}") from None
+    if jax.default_backend() == "cpu" and jax.process_count() > 1:
+        # On CPU the persistent compilation cache key includes a per-process topology fingerprint
+        # and only process 0 writes entries, so on a rerun process 0 loads its programs from the
+        # cache while the others recompile. Gloo's cross-process rendezvous waits only 30 s (fixed
+        # in jaxlib), so that skew fails the first collective ("Gloo context initialization
+        # failed: DEADLINE_EXCEEDED"). Compiling everywhere keeps the processes in step.
+        jax.config.update("jax_enable_compilation_cache", False)
     if verbose:
         print(describe(), flush=True)
     return True
