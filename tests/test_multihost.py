@@ -368,6 +368,41 @@ def test_training_continues_after_a_mesh_change(tmp_path):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
 
 
+# ------------------------------------------------------------------------- batch rows per process
+def test_processes_load_the_rows_their_devices_hold():
+    """2 processes x 1 device: with the mesh's `model` axis across them both hold (and load) the
+    whole batch; with `data` across them each loads its half. The global batch is then consistent:
+    every device sees the same rows the process-local data gave it."""
+    results = _run_job(_worker("rows"), devices=1)
+    lines = [[ln for ln in r.stdout.splitlines() if ln.startswith(("model:", "data:"))]
+             for r in results]
+    assert lines == [["model: shard 0 of 1, rows 0..8 consistent", "data: shard 0 of 2, rows 0..4"],
+                     ["model: shard 0 of 1, rows 0..8 consistent", "data: shard 1 of 2, rows 4..8"]]
+
+
+def _rows_worker() -> None:
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from turbos_jax import sharding
+
+    for axis in ("model", "data"):
+        sizes = {"data": 1, "expert": 1, "model": 1, "context": 1, axis: 2}
+        mesh = sharding.make_mesh(sizes)
+        spec = NamedSharding(mesh, P(("data", "expert")))
+        shard, count = sharding.process_batch_shard(spec, 8)
+        lo, hi = shard * 8 // count, (shard + 1) * 8 // count
+        local = np.arange(lo, hi, dtype=np.int32)[:, None] * np.ones((1, 3), np.int32)
+        batch = jax.make_array_from_process_local_data(spec, local, (8, 3))
+        for s in batch.addressable_shards:  # each device holds the global rows it is meant to
+            rows = np.arange(8)[s.index[0]]
+            np.testing.assert_array_equal(np.asarray(s.data)[:, 0], rows)
+        total = int(jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))(batch))
+        ok = " consistent" if axis == "model" and total == 3 * sum(range(8)) else ""
+        print(f"{axis}: shard {shard} of {count}, rows {lo}..{hi}{ok}", flush=True)
+
+
 # ------------------------------------------------------------------------- worker entry point
 if __name__ == "__main__":
     from absl import flags
@@ -378,4 +413,4 @@ if __name__ == "__main__":
     except distributed.DistributedError as e:
         sys.exit(f"error: {e}")
     mode, rest = args[0], args[1:]
-    {"ckpt": _ckpt_worker, "digest": _digest_worker}[mode](*rest)
+    {"ckpt": _ckpt_worker, "digest": _digest_worker, "rows": _rows_worker}[mode](*rest)

@@ -162,6 +162,24 @@ def constrain(x: jax.Array, names: Names) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, spec)
 
 
+def process_batch_shard(batch_sharding: jax.sharding.Sharding, batch_size: int) -> tuple[int, int]:
+    """(index, count) of the rows of the global batch this process's devices hold: rows
+    [index * batch_size / count, (index + 1) * batch_size / count).
+
+    Processes are not batch shards: when the `model` axis spans hosts, several processes hold the
+    same rows (replicas along `model`) and must load the same data, so the input pipeline shards by
+    this index, not by `jax.process_index()`. One process per shard is the usual case.
+    """
+    rows = {(s[0].start or 0, batch_size if s[0].stop is None else s[0].stop)
+            for s in batch_sharding.addressable_devices_indices_map((batch_size,)).values()}
+    lo, hi = min(r[0] for r in rows), max(r[1] for r in rows)
+    size = hi - lo
+    if sum(b - a for a, b in rows) != size or batch_size % size or lo % size:
+        raise ConfigError(f"config.mesh: this process's devices hold batch rows {sorted(rows)}, not "
+                          f"one contiguous 1/n of the {batch_size} rows; reorder the mesh axes")
+    return lo // size, batch_size // size
+
+
 def manual_over_mesh(fn: Callable, in_names: Sequence, out_names) -> Callable:
     """`fn` under `jax.shard_map` over the mesh in context, each argument and output sharded by its
     logical names (a tuple of names per array, None for an argument that is None); `fn` itself

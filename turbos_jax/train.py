@@ -17,6 +17,7 @@ import time
 import jax
 import numpy as np
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
@@ -55,11 +56,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
     batch_sharding = NamedSharding(mesh, P(("data", "expert")))
 
     # ============================================================================ data
-    train_iter = make_train_iterator(config)
+    # Each process loads the rows its devices hold; processes that are replicas along `model`
+    # load the same ones.
+    shard, num_shards = sharding.process_batch_shard(batch_sharding, config.batch_size)
+    train_iter = make_train_iterator(config, process_index=shard, process_count=num_shards)
     tokens_per_step = config.batch_size * config.seq_len
+    global_shape = (config.batch_size, config.seq_len)
 
     def to_global(local):
-        return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(local[k]))
+        return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(local[k]),
+                                                          global_shape)
                 for k in BATCH_KEYS}
 
     # ============================================================================ abstract model, optimizer
@@ -94,7 +100,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         eval_step = jax.jit(eval_step)
 
     def evaluate(params):
-        it, losses = make_eval_iterator(config), []
+        it, losses = make_eval_iterator(config, process_index=shard, process_count=num_shards), []
         for _ in range(config.eval_batches):
             try:
                 batch = next(it)
@@ -104,11 +110,21 @@ def train_and_evaluate(config, workdir: str) -> dict:
         return float(np.mean(losses)) if losses else float("nan")
 
     # ============================================================================ loop
-    stop_requested = []
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
+    sigterm = []
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: sigterm.append(True))
+
+    def stop_now(step) -> bool:
+        """SIGTERM seen; with several processes, seen by any, agreed on at log steps (every
+        process must take the same save-and-stop step or the save's collectives hang)."""
+        if jax.process_count() == 1:
+            return bool(sigterm)
+        if step % config.log_every_steps:
+            return False
+        return bool(multihost_utils.process_allgather(np.asarray(bool(sigterm))).any())
     writer = metrics.MetricsWriter(workdir, is_primary=jax.process_index() == 0,
                                    resume_step=start_step if start_step else None)
-    progress = metrics.Progress(config.total_steps, initial_step=start_step)
+    progress = metrics.Progress(config.total_steps, initial_step=start_step,
+                                enabled=jax.process_index() == 0)
     peak = metrics.peak_flops_per_device(jax.devices()[0])
     last, pending, window_start, window_steps = {}, None, time.perf_counter(), 0
 
@@ -134,6 +150,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         progress.update(step, last)
         window_start, window_steps = time.perf_counter(), 0
 
+    stop_requested = False
     try:
         with jax.set_mesh(mesh):
             for step in range(start_step + 1, config.total_steps + 1):
@@ -153,6 +170,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     last["eval_loss"] = evaluate(state["params"])
                     writer.write(step, {"step": step, "eval_loss": last["eval_loss"]})
                     window_start, window_steps = time.perf_counter(), 0
+                stop_requested = stop_now(step)
                 if step % config.checkpoint_every_steps == 0 or stop_requested:
                     if pending is not None:
                         log(*pending)  # never checkpoint past an unchecked non-finite step

@@ -250,19 +250,9 @@ def forward_call(rows, xh, Bh, Ch, init, *, has_seg, compute_y, emit_states, blo
     )(*args)
 
 
-def check_shapes(x, dt, A, B, C):
-    b, l, h, p = x.shape
-    if B.ndim != 4 or B.shape[:2] != (b, l) or C.shape != B.shape:
-        raise ValueError(f"B, C must be (b, l, g, n) like x {x.shape}; got {B.shape}, {C.shape}")
-    if dt.shape != (b, l, h) or A.shape != (h,):
-        raise ValueError(f"dt must be {(b, l, h)} and A {(h,)}; got {dt.shape}, {A.shape}")
-    if h % B.shape[2]:
-        raise ValueError(f"nheads {h} must be a multiple of ngroups {B.shape[2]}")
-
-
 def layout(x, dt, A, B, C, seq_idx, chunk_size):
     """Checks shapes; returns the chunk q, the padded length L and the padded segment ids or None."""
-    check_shapes(x, dt, A, B, C)
+    reference.check_shapes(x, dt, A, B, C)
     l = x.shape[1]
     q = chunk_len(l, chunk_size)
     total = -(-l // q) * q

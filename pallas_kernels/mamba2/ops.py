@@ -61,7 +61,7 @@ def _chunk_scan_xla(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, *, c
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _chunk_scan_pallas(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, *, chunk_size,
                        dt_softplus, dt_limit, return_final_states):
-    reference._check_shapes(x, dt, A, B, C)
+    reference.check_shapes(x, dt, A, B, C)
     dtp = reference.process_dt(dt, dt_bias, dt_softplus, dt_limit)  # step 1
     init = None if initial_states is None else initial_states.astype(F32)
     seq = None if seq_idx is None else seq_idx.astype(jnp.int32)

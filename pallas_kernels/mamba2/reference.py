@@ -166,7 +166,7 @@ def skip_and_gate(y, x, D=None, z=None):
     return y
 
 
-def _check_shapes(x, dt, A, B, C):
+def check_shapes(x, dt, A, B, C):
     b, l, h, p = x.shape
     if B.ndim != 4 or B.shape[:2] != (b, l) or C.shape != B.shape:
         raise ValueError(f"B, C must be (b, l, g, n) like x {x.shape}; got {B.shape}, {C.shape}")
@@ -184,7 +184,7 @@ def chunk_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial
     dt_bias (h,); initial_states (b, h, p, n); seq_idx (b, l) int. Any l; chunk_size is static.
     Returns y (b, l, h, p) in x.dtype, plus final_states (b, h, p, n) fp32 if return_final_states.
     """
-    _check_shapes(x, dt, A, B, C)
+    check_shapes(x, dt, A, B, C)
     b, l, h, p = x.shape
     g, n = B.shape[2:]
     r = h // g
