@@ -33,11 +33,12 @@ def get_config() -> ml_collections.ConfigDict:
 
     # --- device mesh (turbos_jax/sharding.py, docs/sharding.md): axis sizes, product = device count;
     # one axis may be -1 (= the remaining devices). Checked against the model and batch_size.
-    # TurboS: model=8 (tensor parallel inside a host/slice: 8 | 64 heads, 8 KV heads, 16 groups,
-    # 17,024 expert width), expert=8 (4 of the 32 experts per shard; the all-to-all stays inside
-    # a small group), data=-1 (FSDP over the rest). batch_size=2240 needs data*expert | 2240,
-    # e.g. 512 chips (v5p-1024): data=8. AOT-compiled there (turbos_jax.aot), 512 x 4096 per step
-    # fits (84 GiB/chip) but 2240 x 4096 does not: it needs gradient accumulation (docs/sharding.md).
+    # TurboS: model=8 (tensor parallel over 2 v5p hosts of 4 chips; hosts holding the same batch
+    # rows load the same data: 8 | 64 heads, 8 KV heads, 16 groups, 17,024 expert width),
+    # expert=8 (4 of the 32 experts per shard; the all-to-all stays inside a small group),
+    # data=-1 (FSDP over the rest). batch_size needs data*expert*grad_accum_steps | 2240, e.g.
+    # 512 chips (v5p-1024): data=8. AOT-compiled there (turbos_jax.aot): 2240 x 4096 in one pass
+    # does not fit, 7 microbatches of 320 do (74.7 GiB/chip; docs/sharding.md).
     mesh = config.mesh = ml_collections.ConfigDict()
     mesh.data = -1  # data parallel + FSDP (parameters' d_model dimension)
     mesh.expert = 8  # expert parallel: routed experts split, batch also split over it

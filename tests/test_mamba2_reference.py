@@ -259,7 +259,7 @@ def test_grads_match_sequential_scan(dtype, rtol, opts):
 # ----------------------------------------------------------------------------- impl
 
 
-@pytest.mark.parametrize("impl", ["pallas", "bogus"])
+@pytest.mark.parametrize("impl", ["triton", "bogus"])
 def test_unknown_impl_raises(impl):
     rng = np.random.default_rng(7)
     kw, o = make_inputs(rng, 1, 8, 2, 4, 1, 8, chunk=4)
