@@ -55,6 +55,9 @@ CASES = [
     # TurboS per-head shape family: p = 64, n = 128, h / g = 4, Q = 128 with a ragged tail.
     Case("turbos_heads", b=1, l=200, h=4, p=64, g=1, n=128, chunk=128, init=True, seq="boundary",
          dt_shift=-3.0),
+    # The exact TurboS Mamba2 shape: 64 heads, head_dim 64, 16 groups, d_state 128, chunk 128.
+    Case("turbos_full", b=1, l=256, h=64, p=64, g=16, n=128, chunk=128, dtype=jnp.bfloat16,
+         init=True, seq="boundary", dt_shift=-3.0),
 ]
 
 

@@ -133,6 +133,13 @@ def test_interpret_turbos_heads():
     check_against_reference(args, 64, BF16)
 
 
+def test_interpret_full_turbos_shape():
+    """The exact TurboS Mamba2 shape: 64 heads, head_dim 64, 16 groups, d_state 128, chunk 128."""
+    args = make_inputs(jax.random.PRNGKey(2), b=1, l=256, h=64, p=64, g=16, n=128, dtype=BF16,
+                       with_init=True, with_seq=True)
+    check_against_reference(args, 128, BF16)
+
+
 def _poisoned_pallas_call(kernel, *, in_specs, out_specs, out_shape, **kwargs):
     """pl.pallas_call whose outputs start as NaN buffers aliased in as extra (ignored) inputs."""
     n_in, n_out = len(in_specs), len(out_shape)
