@@ -94,8 +94,9 @@ def get_config() -> ml_collections.ConfigDict:
     m.capacity_factor = 1.5  # >0: per-sequence expert capacity, overflow dropped; 0: dropless
     m.aux_loss_weight = 0.01  # weight of the load-balancing loss
     m.z_loss_weight = 1e-3  # weight of the router z-loss
-    # "auto": capacity-mode experts on a mesh with expert > 1 dispatch tokens by all-to-all inside
-    # shard_map (docs/sharding.md); "none" (and dropless mode): XLA's GSPMD partitions the einsums.
+    # "auto": on a mesh with expert > 1 the routed experts dispatch tokens inside shard_map, by
+    # all-to-all (capacity) or ragged all-to-all (dropless) (docs/sharding.md); "none": XLA's
+    # GSPMD partitions the einsums.
     m.expert_parallel = "auto"
     # --- numerics and compilation
     m.dtype = "bfloat16"  # activation/compute dtype
