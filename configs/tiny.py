@@ -32,9 +32,9 @@ def get_config():
     m.dtype = "float32"
     m.remat_policy = "none"
     # Unrolled period loop (2 repeats here): a lax.scan stacks every saved residual into
-    # (repeats, ...) buffers and slices them back in the backward, which on 2 CPU cores cost ~15 %
+    # (repeats, ...) buffers and slices them back in the backward, which on 2 CPU cores cost 14-22 %
     # of the training step (benchmarks/RESULTS.md); unrolling 2 periods does not lengthen the
-    # compile (~15 s either way, measured 2026-11-22). Parameters stay stacked per period position,
+    # compile (13-16 s either way, measured 2026-11-22). Parameters stay stacked per period position,
     # so checkpoints are the same as with the scan. The full config keeps scan_layers=True.
     m.scan_layers = False
     m.kernel_impl = "xla"

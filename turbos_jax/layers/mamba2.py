@@ -114,13 +114,18 @@ class Mamba2(nnx.Module):
     def project(self, x: jax.Array):
         """Step 1: z, x (B, L, H, P); B, C (B, L, G, N); dt (B, L, H), all in cfg.dtype."""
         dt = self.cfg.dtype
-        x = x.astype(dt)
-        w = {name: v[...].astype(dt) for name, v in self.in_proj.items()}
-        z = jnp.einsum("bld,dhp->blhp", x, w["z"])
-        xs = jnp.einsum("bld,dhp->blhp", x, w["x"])
-        b = jnp.einsum("bld,dgn->blgn", x, w["B"])
-        c = jnp.einsum("bld,dgn->blgn", x, w["C"])
-        dts = jnp.einsum("bld,dh->blh", x, w["dt"])
+        lead, d = x.shape[:-1], x.shape[-1]
+        x2 = x.astype(dt).reshape(-1, d)  # (B*L, D)
+
+        # Plain 2-D matmuls rather than "bld,dhp->blhp" einsums: same math (merging contiguous
+        # axes is a free reshape), but XLA:CPU compiles the einsum form and its gradient with
+        # extra layout copies (measured on the tiny config: Mamba2 layer forward + backward
+        # -16 %, training step -3 %; not measured on TPU/GPU).
+        def proj(name):
+            w = self.in_proj[name][...].astype(dt)
+            return (x2 @ w.reshape(d, -1)).reshape(*lead, *w.shape[1:])
+
+        z, xs, b, c, dts = (proj(name) for name in ("z", "x", "B", "C", "dt"))
         return z, sharding.constrain(xs, ("batch", "seq", "heads", None)), b, c, dts
 
     def convolve(self, xs, b, c, segment_ids):
