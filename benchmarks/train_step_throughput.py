@@ -1,5 +1,6 @@
 """Steady-state training throughput on CPU: turbos-jax vs. a PyTorch model of the same family.
 
+    pip install -e ".[bench]"      # torch + transformers, for the PyTorch side
     python benchmarks/train_step_throughput.py --config=configs/tiny.py
     python benchmarks/train_step_throughput.py --config=configs/tiny.py --json
     python benchmarks/train_step_throughput.py --config=configs/small.py --batch_size=2 \
