@@ -76,7 +76,7 @@ def _accumulated_grads(params, graphdef, batch, accum_steps: int, batch_sharding
         return jax.lax.with_sharding_constraint(v, NamedSharding(batch_sharding.mesh, P(None, *spec)))
 
     def micro_loss(p, mb):
-        loss, (ce, aux) = loss_fn(p, graphdef, mb, num_targets)
+        _, (ce, aux) = loss_fn(p, graphdef, mb, num_targets)
         aux = jax.tree.map(lambda a: a / accum_steps, aux)
         return ce + aux["aux_loss"], (ce, aux)
 

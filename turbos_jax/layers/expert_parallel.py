@@ -65,11 +65,12 @@ def ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets
 
 
 def dropless_experts(x, ids, gates, wg, wu, wo, *, num_experts: int, ep: int, impl: str,
-                     model_axis: str | None, dtype):
+                     model_axis: str | None):
     """Steps 1-5 of the module docstring for one device.
 
     x (T, d) local tokens; ids, gates (T, k); wg, wu (El, d, Fm) and wo (El, Fm, d) this shard's
-    experts (Fm = F / model). Returns (T, d) in x's dtype: the routed experts' output.
+    experts (Fm = F / model), already in the compute dtype. Returns (T, d) in x's dtype: the
+    routed experts' output.
     """
     t, k = ids.shape
     el = num_experts // ep
@@ -93,9 +94,9 @@ def dropless_experts(x, ids, gates, wg, wu, wo, *, num_experts: int, ep: int, im
     local = jnp.where(seg < ep * el, seg % el, el)[:, None]  # [buf, 1]; el = "no expert"
     order2, sizes2 = moe_ops.sort_by_expert(local, el)  # [buf], [El]
     xr = moe_ops.permute(received, order2, 1, impl=impl)  # [buf, d]
-    h = (jax.nn.silu(moe_ops.grouped_matmul(xr, wg.astype(dtype), sizes2, impl=impl))
-         * moe_ops.grouped_matmul(xr, wu.astype(dtype), sizes2, impl=impl))  # [buf, Fm]
-    yr = moe_ops.grouped_matmul(h, wo.astype(dtype), sizes2, impl=impl)  # [buf, d]
+    h = (jax.nn.silu(moe_ops.grouped_matmul(xr, wg, sizes2, impl=impl))
+         * moe_ops.grouped_matmul(xr, wu, sizes2, impl=impl))  # [buf, Fm]
+    yr = moe_ops.grouped_matmul(h, wo, sizes2, impl=impl)  # [buf, d]
     if model_axis is not None:
         yr = jax.lax.psum(yr, model_axis)
     y_recv = moe_ops.unpermute(yr, order2, jnp.ones((buf, 1), yr.dtype), impl=impl)  # [buf, d]

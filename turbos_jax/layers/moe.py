@@ -258,7 +258,7 @@ class MoEFFN(nnx.Module):
         tok = P(batch_axes, None, None)
         experts = functools.partial(
             expert_parallel.dropless_experts, num_experts=cfg.num_experts,
-            ep=mesh.shape["expert"], impl=impl, model_axis=model, dtype=dt)
+            ep=mesh.shape["expert"], impl=impl, model_axis=model)
 
         def body(x, ids, gates, wg, wu, wo):
             bl, l, d = x.shape
