@@ -27,6 +27,10 @@ slow each other down several-fold). "other procs' cores" is the CPU time other p
 the timed windows divided by wall time: PyTorch's OpenMP threads degrade badly (up to 20x) when
 another process takes a core, so only rows with a value near 0 are comparable.
 
+Both workers import turbos_jax first, so both run under the same host allocator setting
+(turbos_jax/host_memory.py): --host_malloc=keep (default, what `python -m turbos_jax.train` gets)
+or =system (glibc's defaults), passed to them as TURBOS_JAX_HOST_MALLOC.
+
 Shapes of the PyTorch model (layer symbol A -> "full_attention" "*", M -> "linear_attention" "M",
 F -> "moe" "E"): everything is copied from the config except where NemotronH differs by design:
   * experts (routed and shared) are non-gated `down(relu2(up x))` MLPs, ours SwiGLU
@@ -57,12 +61,17 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags
-from ml_collections import config_flags
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)  # config files import `configs.turbos`; the default is parsed here
+
+# First, so that both workers (JAX and PyTorch) run under the same host allocator setting
+# (turbos_jax/host_memory.py; --host_malloc picks it for the workers).
+import turbos_jax  # noqa: E402,F401
+from turbos_jax import host_memory  # noqa: E402
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(REPO, "configs", "tiny.py"), "Training config (model keys, batch, seq).")
@@ -83,6 +92,10 @@ _TORCH_EXPERTS = flags.DEFINE_list(
 _LR = flags.DEFINE_float("learning_rate", 3e-4, "Constant learning rate (both implementations).")
 _SEED = flags.DEFINE_integer("seed", 0, "Init and data seed.")
 _BREAKDOWN = flags.DEFINE_bool("breakdown", False, "Also profile where turbos-jax's step goes.")
+_HOST_MALLOC = flags.DEFINE_enum(
+    "host_malloc", "keep", ["keep", "system"],
+    "Host allocator for both workers: keep = turbos_jax's default (freed memory stays in the "
+    "process, see turbos_jax/host_memory.py), system = glibc's defaults.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
 _WORKER = flags.DEFINE_string("worker", "", "Internal: run one implementation in this process "
                               "(jax, or torch:<width mode>:<experts>) and print its result.")
@@ -442,6 +455,7 @@ def run_worker(job: str, config, batch: int, seq: int) -> dict:
         _, mode, experts = job.split(":")
         out = run_torch(config, batch, seq, mode, experts)
     out["load_average_1min"] = [before, os.getloadavg()[0]]  # at the start and end of the run
+    out["host_malloc"] = "keep" if host_memory.in_effect() else "system"
     return out
 
 
@@ -449,7 +463,8 @@ def spawn(job: str) -> dict:
     """Runs one implementation in a fresh interpreter (JAX's and torch's thread pools in one
     process slow each other down) and returns its result dict."""
     cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], f"--worker={job}"]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
+    env = {**os.environ, host_memory.ENV_VAR: _HOST_MALLOC.value}
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_TAG):
             return json.loads(line[len(RESULT_TAG):])
@@ -497,7 +512,7 @@ def main(argv):
           "(median); > 0.1 means the numbers are contended")
     for r in results:
         lo, hi = r["load_average_1min"]
-        print(f"  {r['implementation']}: {r['detail']}; final loss {r['final_loss']:.3f}; step ms "
+        print(f"  {r['implementation']}: {r['detail']}; host malloc {r['host_malloc']}; final loss {r['final_loss']:.3f}; step ms "
               f"min {r['step_ms_min']:.1f} max {r['step_ms_max']:.1f}; 1-min load average "
               f"{lo:.2f} -> {hi:.2f} (includes this benchmark)")
     for note in notes:
