@@ -33,9 +33,8 @@ t.join()
 print(json.dumps(out))
 """
 
-glibc_only = pytest.mark.skipif(
-    not sys.platform.startswith("linux") or not os.confstr("CS_GNU_LIBC_VERSION"),
-    reason="the setting is glibc-specific")
+glibc_only = pytest.mark.skipif(host_memory._glibc() is None,
+                                reason="the setting is glibc-specific")
 
 
 def _run(code: str, value: str | None):
