@@ -91,13 +91,22 @@ def analyse(config, topology: str) -> dict:
         state = sharding.sharded_abstract(abstract_state, mesh)
         step = jax.jit(train_step, in_shardings=(state_shardings, None),
                        out_shardings=(state_shardings, None), donate_argnums=(0,))
-        lowered = step.lower(state, batch)
         try:
-            compiled = lowered.compile()
-        except jax.errors.JaxRuntimeError as e:
-            if "RESOURCE_EXHAUSTED" not in str(e):
+            compiled = step.lower(state, batch).compile()
+        except Exception as e:  # noqa: BLE001 - Mosaic/XLA raise several exception types
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            if isinstance(e, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in first:
+                compiled, error = None, first
+            elif model_cfg.kernel_impl == "pallas":
+                # A kernel that cannot tile some new shape is a config problem for the user:
+                # say which switch avoids it rather than print a compiler traceback.
+                raise AotError(
+                    f"--topology={topology}: the step with config.model.kernel_impl="
+                    f"{config.model.kernel_impl} (Pallas kernels) does not compile: "
+                    f"{type(e).__name__}: {first[:300]}; --config.model.kernel_impl=xla "
+                    "compiles it with the reference ops") from e
+            else:
                 raise
-            compiled, error = None, str(e).strip().splitlines()[0]
 
     chip = topology.split(":")[0].lower()
     hbm = HBM_BYTES.get(chip)
