@@ -65,13 +65,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)  # config files import `configs.turbos`; the default is parsed here
 
-# First, so that both workers (JAX and PyTorch) run under the same host allocator setting
-# (turbos_jax/host_memory.py; --host_malloc picks it for the workers).
-import turbos_jax  # noqa: E402,F401
-from turbos_jax import host_memory  # noqa: E402
-
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+# Before JAX or torch start threads, so that both workers run under the same host allocator
+# setting (turbos_jax/host_memory.py; --host_malloc picks it for the workers).
+import turbos_jax  # noqa: E402,F401
+from turbos_jax import host_memory  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(REPO, "configs", "tiny.py"), "Training config (model keys, batch, seq).")
@@ -512,8 +512,9 @@ def main(argv):
           "(median); > 0.1 means the numbers are contended")
     for r in results:
         lo, hi = r["load_average_1min"]
-        print(f"  {r['implementation']}: {r['detail']}; host malloc {r['host_malloc']}; final loss {r['final_loss']:.3f}; step ms "
-              f"min {r['step_ms_min']:.1f} max {r['step_ms_max']:.1f}; 1-min load average "
+        print(f"  {r['implementation']}: {r['detail']}; host malloc {r['host_malloc']}; "
+              f"final loss {r['final_loss']:.3f}; step ms min {r['step_ms_min']:.1f} "
+              f"max {r['step_ms_max']:.1f}; 1-min load average "
               f"{lo:.2f} -> {hi:.2f} (includes this benchmark)")
     for note in notes:
         print(f"note: {note}")
