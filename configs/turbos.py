@@ -30,6 +30,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 1000  # Orbax save cadence (also saved on SIGTERM and at the end)
     config.keep_checkpoints = 3  # newest complete checkpoints kept
     config.on_nonfinite = "stop"  # non-finite loss: "stop" (last good checkpoint kept) or "skip"
+    # Persistent XLA compilation cache: reruns load compiled programs instead of compiling them,
+    # and on CPU their steps run faster too (turbos_jax/compile_cache.py). "" = off; the
+    # JAX_COMPILATION_CACHE_DIR environment variable, when set, takes precedence.
+    config.compilation_cache_dir = "~/.cache/turbos_jax/xla"
 
     # --- device mesh (turbos_jax/sharding.py, docs/sharding.md): axis sizes, product = device count;
     # one axis may be -1 (= the remaining devices). Checked against the model and batch_size.

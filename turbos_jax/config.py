@@ -204,7 +204,7 @@ def check_train_config(config) -> None:
 
     for key in ("seed", "total_steps", "batch_size", "grad_accum_steps", "seq_len", "log_every_steps",
                 "eval_every_steps", "eval_batches", "checkpoint_every_steps", "keep_checkpoints",
-                "on_nonfinite"):
+                "on_nonfinite", "compilation_cache_dir"):
         if key not in config:
             raise ConfigError(f"config.{key}: required key is missing")
     for key in ("total_steps", "batch_size", "grad_accum_steps", "seq_len", "log_every_steps",
@@ -218,3 +218,5 @@ def check_train_config(config) -> None:
             fail(key, "must be an integer >= 0")
     if config.on_nonfinite not in ("stop", "skip"):
         fail("on_nonfinite", "expected 'stop' or 'skip'")
+    if not isinstance(config.compilation_cache_dir, str):
+        fail("compilation_cache_dir", "expected a directory path, or '' for no cache")

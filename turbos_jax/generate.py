@@ -21,7 +21,7 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from turbos_jax import cli
+from turbos_jax import cli, compile_cache
 from turbos_jax.config import ModelConfig
 from turbos_jax.data import DataError, load_tokenizer
 from turbos_jax.generation.api import generate
@@ -91,6 +91,7 @@ def main(argv):
     except ValueError as e:
         raise GenerateError(f"--{e}") from None
     config = _CONFIG.value
+    compile_cache.enable(config.compilation_cache_dir)  # before the first compile
     model_cfg = ModelConfig.from_config(config.model)
     tokenizer = load_tokenizer(config.data.tokenizer)
     ids = tokenizer.encode(_PROMPT.value)

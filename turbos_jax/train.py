@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
-from turbos_jax import accounting, cli, distributed, metrics, sharding
+from turbos_jax import accounting, cli, compile_cache, distributed, metrics, sharding
 from turbos_jax.checkpointing import Checkpointer
 from turbos_jax.config import ConfigError, ModelConfig, check_train_config
 from turbos_jax.data import DataError, make_eval_iterator, make_train_iterator
@@ -43,6 +43,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # ============================================================================ config
     model_cfg = ModelConfig.from_config(config.model)
     check_train_config(config)
+    cache_dir = compile_cache.enable(config.compilation_cache_dir)  # before the first compile
+    logging.info("compilation cache: %s", cache_dir or "off")
     os.makedirs(workdir, exist_ok=True)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
