@@ -43,6 +43,13 @@ F -> "moe" "E"): everything is copied from the config except where NemotronH dif
   * our MoE runs in capacity mode (capacity_factor 1.5 -> expert buffers 1.5x the routed tokens,
     padded slots are computed) when capacity_factor > 0; HF computes exactly the routed tokens.
 
+turbos-jax runs twice by default (--jax_rerun): first with the step compiled in the worker
+process, as on a first `python -m turbos_jax.train` run, which writes it to a fresh persistent
+compilation cache; then in a new process that loads the step from that cache, as every rerun of the
+trainer does (config.compilation_cache_dir, on by default). On XLA:CPU the second is faster: the
+in-process compile leaves the host heap fragmented (turbos_jax/compile_cache.py). The ratio column
+gives turbos-jax / PyTorch for both rows.
+
 --breakdown adds a turbos-jax profile: forward, forward+backward and the full step, then
 forward+backward of one layer of each kind (A, M, F) and of the LM head + cross-entropy at the
 benchmark's (batch, seq_len, d_model), and XLA's cost analysis of the step.
@@ -56,9 +63,11 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,6 +100,9 @@ _TORCH_EXPERTS = flags.DEFINE_list(
     "(HF's choice for this machine), eager, grouped_mm, batched_mm.")
 _LR = flags.DEFINE_float("learning_rate", 3e-4, "Constant learning rate (both implementations).")
 _SEED = flags.DEFINE_integer("seed", 0, "Init and data seed.")
+_JAX_RERUN = flags.DEFINE_bool(
+    "jax_rerun", True, "Also time turbos-jax with its step loaded from the persistent compilation "
+    "cache the first run wrote (what a rerun of turbos_jax.train gets).")
 _BREAKDOWN = flags.DEFINE_bool("breakdown", False, "Also profile where turbos-jax's step goes.")
 _HOST_MALLOC = flags.DEFINE_enum(
     "host_malloc", "keep", ["keep", "system"],
@@ -98,7 +110,8 @@ _HOST_MALLOC = flags.DEFINE_enum(
     "process, see turbos_jax/host_memory.py), system = glibc's defaults.")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
 _WORKER = flags.DEFINE_string("worker", "", "Internal: run one implementation in this process "
-                              "(jax, or torch:<width mode>:<experts>) and print its result.")
+                              "(jax:compiled, jax:cached, or torch:<width mode>:<experts>) and "
+                              "print its result.")
 RESULT_TAG = "@@result "
 
 # Optimizer hyper-parameters shared by both implementations (the issue's training setup).
@@ -152,7 +165,7 @@ def summarize_times(per_step, others, tokens: int) -> dict:
 
 
 # ================================================================================== turbos-jax
-def run_jax(config, batch: int, seq: int) -> dict:
+def run_jax(config, batch: int, seq: int, variant: str) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -182,10 +195,19 @@ def run_jax(config, batch: int, seq: int) -> dict:
         updates, o = tx.update(grads, o, p)
         return optax.apply_updates(p, updates), o, loss
 
+    cache_events = {"hits": 0, "misses": 0}
+
+    def count_cache_event(event: str, **_):
+        for kind in cache_events:
+            if event == f"/jax/compilation_cache/cache_{kind}":
+                cache_events[kind] += 1
+
+    jax.monitoring.register_event_listener(count_cache_event)
     t0 = time.perf_counter()
     compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(
         params, opt_state, inputs, targets).compile()
     compile_s = time.perf_counter() - t0
+    jax.monitoring.unregister_event_listener(count_cache_event)
 
     state = {"p": params, "o": opt_state}
 
@@ -199,18 +221,22 @@ def run_jax(config, batch: int, seq: int) -> dict:
     moe = f"capacity {cfg.capacity_factor:g}" if cfg.capacity_factor else "dropless"
     flops = accounting.training_flops_per_token(cfg, seq, counts)["total"]
     out = {
-        "implementation": "turbos-jax",
-        "detail": f"jax {jax.__version__}, {jax.devices()[0].platform}, jit + donate, MoE {moe}",
+        "implementation": "turbos-jax" + ("" if variant == "compiled" else ", step from cache"),
+        "jax_variant": variant,
+        "detail": f"jax {jax.__version__}, {jax.devices()[0].platform}, jit + donate, MoE {moe}, "
+                  + ("compiled in this process" if variant == "compiled"
+                     else "loaded from the persistent compilation cache"),
         "params_total": counts.total,
         "params_active": counts.active,
         "compile_s": compile_s,
+        "step_compile_cache": cache_events,  # persistent-cache hits / misses of the step's compile
         "warmup_s": warm,
         "final_loss": float(state["loss"]),
         "model_flops_per_token": flops,
         **summarize_times(per_step, others, batch * seq),
     }
     out["model_gflops_per_s"] = flops * out["tokens_per_s"] / 1e9
-    if _BREAKDOWN.value:
+    if _BREAKDOWN.value and variant == "compiled":
         out["breakdown"] = jax_breakdown(cfg, graphdef, state["p"], inputs, targets, compiled)
     return out
 
@@ -395,15 +421,16 @@ def machine() -> dict:
 
 
 def table(results: list[dict]) -> str:
-    jax_row = next((r for r in results if r["implementation"] == "turbos-jax"), None)
+    jax_rows = [r for r in results if "jax_variant" in r]
+    ratio_head = "turbos-jax / this" + (" (compiled / from cache)" if len(jax_rows) > 1 else "")
     head = ("implementation", "params", "active", "tokens/s", "step ms", "compile/warm-up s",
-            "turbos-jax / this", "other procs' cores")
+            ratio_head, "other procs' cores")
     rows = []
     for r in results:
         warm = (f"{r['compile_s']:.1f} compile + {r['warmup_s']:.1f} warm-up"
                 if r["compile_s"] is not None else f"{r['warmup_s']:.1f} warm-up")
-        ratio = (f"{jax_row['tokens_per_s'] / r['tokens_per_s']:.2f}x"
-                 if jax_row is not None and r is not jax_row else "-")
+        ratio = " / ".join(f"{j['tokens_per_s'] / r['tokens_per_s']:.2f}x" for j in jax_rows
+                           if r not in jax_rows) or "-"
         other = r["other_processes_cores"]
         rows.append((r["implementation"], f"{r['params_total']:,}", f"{r['params_active']:,}",
                      f"{r['tokens_per_s']:,.0f}", f"{r['step_ms']:.1f}", warm, ratio,
@@ -449,8 +476,8 @@ def torch_jobs() -> tuple[list[str], list[str]]:
 
 def run_worker(job: str, config, batch: int, seq: int) -> dict:
     before = os.getloadavg()[0]
-    if job == "jax":
-        out = run_jax(config, batch, seq)
+    if job.startswith("jax:"):
+        out = run_jax(config, batch, seq, job.split(":")[1])
     else:
         _, mode, experts = job.split(":")
         out = run_torch(config, batch, seq, mode, experts)
@@ -459,11 +486,13 @@ def run_worker(job: str, config, batch: int, seq: int) -> dict:
     return out
 
 
-def spawn(job: str) -> dict:
+def spawn(job: str, cache_dir: str) -> dict:
     """Runs one implementation in a fresh interpreter (JAX's and torch's thread pools in one
-    process slow each other down) and returns its result dict."""
+    process slow each other down) and returns its result dict. turbos-jax workers share
+    `cache_dir` as their persistent compilation cache (empty for the first)."""
     cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], f"--worker={job}"]
-    env = {**os.environ, host_memory.ENV_VAR: _HOST_MALLOC.value}
+    env = {**os.environ, host_memory.ENV_VAR: _HOST_MALLOC.value,
+           "JAX_COMPILATION_CACHE_DIR": cache_dir, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_TAG):
@@ -480,18 +509,26 @@ def main(argv):
         print(RESULT_TAG + json.dumps(run_worker(_WORKER.value, config, batch, seq)), flush=True)
         return
 
-    jobs, notes = (["jax"] if "jax" in _IMPLS.value else []), []
+    jobs, notes = [], []
+    if "jax" in _IMPLS.value:
+        jobs = ["jax:compiled"] + (["jax:cached"] if _JAX_RERUN.value else [])
     if "torch" in _IMPLS.value:
         more, notes = torch_jobs()
         jobs += more
-    results = []
-    for job in jobs:
-        log(f"--- {job}: batch {batch} x seq {seq} (load average {os.getloadavg()[0]:.2f})")
-        results.append(spawn(job))
-    jax_row = next((r for r in results if r["implementation"] == "turbos-jax"), None)
+    results, cache_dir = [], tempfile.mkdtemp(prefix="turbos_bench_xla_cache_")
+    try:
+        for job in jobs:
+            log(f"--- {job}: batch {batch} x seq {seq} (load average {os.getloadavg()[0]:.2f})")
+            results.append(spawn(job, cache_dir))
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    jax_rows = {r["jax_variant"]: r for r in results if "jax_variant" in r}
+    jax_row = jax_rows.get("compiled")
     for r in results:
-        if jax_row is not None and r is not jax_row:
-            r["turbos_jax_speedup"] = jax_row["tokens_per_s"] / r["tokens_per_s"]
+        if "jax_variant" not in r:
+            for variant, j in jax_rows.items():
+                key = "turbos_jax_speedup" + ("" if variant == "compiled" else f"_{variant}")
+                r[key] = j["tokens_per_s"] / r["tokens_per_s"]
     report = {
         "config": os.path.relpath(config_flags.get_config_filename(flags.FLAGS["config"]), REPO),
         "command": " ".join(["python", os.path.relpath(__file__, REPO), *sys.argv[1:]]),
