@@ -20,6 +20,10 @@ def run(main: Callable[[list[str]], None], *user_errors: type[BaseException]) ->
     ml_collections applies `--config.KEY=VALUE` overrides while absl parses flags, before `main`
     runs, and raises a bare KeyError/AttributeError for a KEY the config does not have.
     """
+    from turbos_jax import host_memory
+
+    if host_memory.setting_error:  # rejected when `import turbos_jax` ran, before any flag
+        sys.exit(f"error: {host_memory.setting_error}")
     started = []
 
     def wrapped(argv):

@@ -16,7 +16,9 @@ When. `turbos_jax/__init__.py` calls it on import, before JAX starts its thread 
 limit binds only threads that first allocate after the call, so `python -m turbos_jax.train` (and
 every other entry point) gets it, while a process that imported JAX and ran computations first may
 get it only partly. Linux with glibc only; elsewhere nothing happens. Opt out by setting the
-environment variable TURBOS_JAX_HOST_MALLOC=system before the import.
+environment variable TURBOS_JAX_HOST_MALLOC=system before the import. Any other value than keep /
+system: `import turbos_jax` warns and keeps glibc's defaults; the `python -m turbos_jax.*` entry
+points stop with a one-line error naming the variable.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ _M_ARENA_MAX = -8
 _TRIM_THRESHOLD_BYTES = 1 << 30
 
 _applied: bool | None = None
+# The message of a rejected TURBOS_JAX_HOST_MALLOC value, set by turbos_jax/__init__.py;
+# cli.run stops with it.
+setting_error: str | None = None
 
 
 def _glibc() -> ctypes.CDLL | None:
