@@ -7,7 +7,7 @@ fragmented (one arena, see host_memory.py), and the ~2,000 workspace allocations
 oneDNN matmuls behind XLA's non-fused dots then walk long free lists (`perf`: 11-16 % of the step's
 CPU time in `_int_malloc` after an in-process compile, under 1 % when the step was loaded from the
 cache). Measured on the quickstart (benchmarks/RESULTS.md, "Compilation cache"): a rerun takes
-about half the wall time of a first run and its steps run 25-35 % faster.
+about half the wall time of a first run and its steps run 20-35 % faster.
 
 How. `enable(path)` points JAX's persistent cache at `path` before the first compile:
   1. A cache directory JAX already has (the JAX_COMPILATION_CACHE_DIR environment variable, or
