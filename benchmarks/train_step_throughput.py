@@ -427,7 +427,8 @@ def table(results: list[dict]) -> str:
             ratio_head, "other procs' cores")
     rows = []
     for r in results:
-        warm = (f"{r['compile_s']:.1f} compile + {r['warmup_s']:.1f} warm-up"
+        how = "load" if r.get("jax_variant") == "cached" else "compile"
+        warm = (f"{r['compile_s']:.1f} {how} + {r['warmup_s']:.1f} warm-up"
                 if r["compile_s"] is not None else f"{r['warmup_s']:.1f} warm-up")
         ratio = " / ".join(f"{j['tokens_per_s'] / r['tokens_per_s']:.2f}x" for j in jax_rows
                            if r not in jax_rows) or "-"

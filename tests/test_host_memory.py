@@ -61,7 +61,7 @@ def test_system_leaves_glibc_defaults():
     assert json.loads(proc.stdout) == {"in_effect": False, "from_main_heap": False}
 
 
-def test_bad_value_warns_on_import_and_stops_the_cli_in_one_line():
+def test_bad_value_warns_on_import_and_stops_the_cli_in_one_line(tmp_path):
     message = "TURBOS_JAX_HOST_MALLOC='tcmalloc': expected one of ('keep', 'system')"
     proc = _run("import turbos_jax; from turbos_jax import host_memory; "
                 "print(host_memory.in_effect())", "tcmalloc")
@@ -69,9 +69,9 @@ def test_bad_value_warns_on_import_and_stops_the_cli_in_one_line():
     assert proc.stdout.strip() == "False"  # glibc's defaults
     assert f"UserWarning: {message}; glibc's defaults kept" in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "turbos_jax.train", "--config=configs/tiny.py",
-                           "--workdir=/tmp/unused-turbos-workdir"], cwd=REPO, capture_output=True,
+                           f"--workdir={tmp_path / 'w'}"], cwd=REPO, capture_output=True,
                           text=True, timeout=120, check=False,
                           env={**os.environ, host_memory.ENV_VAR: "tcmalloc"})
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == f"error: {message}"
-    assert not os.path.exists("/tmp/unused-turbos-workdir")
+    assert not (tmp_path / "w").exists()  # stopped before anything was written
