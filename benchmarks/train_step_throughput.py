@@ -72,9 +72,9 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
-    sys.path.insert(0, REPO)  # config files import `configs.turbos`; the default is parsed here
+    sys.path.insert(0, REPO)  # config files import `configs.turbos`
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 # Before JAX or torch start threads, so that both workers run under the same host allocator
@@ -83,7 +83,7 @@ import turbos_jax  # noqa: E402,F401
 from turbos_jax import host_memory  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(REPO, "configs", "tiny.py"), "Training config (model keys, batch, seq).")
+    "config", None, "Training config (model keys, batch, seq); default configs/tiny.py.", lock_config=True)
 _BATCH = flags.DEFINE_integer("batch_size", None, "Sequences per step (default: from the config).")
 _SEQ = flags.DEFINE_integer("seq_len", None, "Tokens per sequence (default: config.seq_len).")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps before the timing windows.")
@@ -501,9 +501,32 @@ def spawn(job: str, cache_dir: str) -> dict:
     raise RuntimeError(f"worker {job!r} failed with exit code {proc.returncode}")
 
 
+def _config_name() -> str:
+    if _CONFIG.value is None:
+        return "configs/tiny.py"
+    return os.path.relpath(config_flags.get_config_filename(flags.FLAGS["config"]), REPO)
+
+
+def _config():
+    """--config (with its --config.KEY=VALUE overrides), or configs/tiny.py when none is given.
+
+    The flag has no default file: ml_collections would parse a default, and apply the overrides to
+    it, while the flags are being defined, where a bad key cannot be reported in one line (so
+    overrides need an explicit --config=FILE)."""
+    if _CONFIG.value is not None:
+        return _CONFIG.value
+    from configs import tiny
+
+    return tiny.get_config()
+
+
 def main(argv):
     del argv
-    config = _CONFIG.value
+    config = _config()
+    if not _WORKER.value:  # config mistakes: one line here, not a failed worker
+        from turbos_jax.config import ModelConfig
+
+        ModelConfig.from_config(config.model)
     batch = _BATCH.value or config.batch_size
     seq = _SEQ.value or config.seq_len
     if _WORKER.value:
@@ -531,7 +554,7 @@ def main(argv):
                 key = "turbos_jax_speedup" + ("" if variant == "compiled" else f"_{variant}")
                 r[key] = j["tokens_per_s"] / r["tokens_per_s"]
     report = {
-        "config": os.path.relpath(config_flags.get_config_filename(flags.FLAGS["config"]), REPO),
+        "config": _config_name(),
         "command": " ".join(["python", os.path.relpath(__file__, REPO), *sys.argv[1:]]),
         "batch_size": batch, "seq_len": seq, "tokens_per_step": batch * seq,
         "warmup": _WARMUP.value, "steps_per_window": _STEPS.value, "windows": _WINDOWS.value,
@@ -561,4 +584,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from turbos_jax import cli
+
+    cli.run(main)

@@ -1,0 +1,396 @@
+"""The matmul floor of a training step: how fast the step could be if only its dots took time.
+
+    python benchmarks/matmul_floor.py --config=configs/tiny.py
+    python benchmarks/matmul_floor.py --config=configs/tiny.py --config.batch_size=4 --json
+
+Answers "how much faster can this step get on this machine without changing the work?". On the
+2-core CPU it explains why the tiny config's step cannot reach a given target (benchmarks/RESULTS.md).
+
+Algorithm:
+  1. Build the trainer's own step (`turbos_jax.step.make_train_step`, the config's mesh on the local
+     devices), compile it, and time it on a random batch (median of windows, like
+     train_step_throughput.py).
+  2. Read every dot in the optimised HLO, inside fusions too: operand shapes, dtypes, contracting and
+     batch dims, and the function of this repository that produced it (from the HLO's stack frames,
+     innermost frame under turbos_jax/ or pallas_kernels/).
+  3. Time each distinct dot alone: `jax.jit` of one `lax.dot_general` on random operands, median of
+     `--windows` windows of `--iters` calls; multiply by how many times the step runs it.
+  4. Print the dots grouped by source function and the sum, next to the measured step.
+
+The sum is optimistic, so a lower bound for the step: every dot runs alone with both cores and a
+warm cache, in row-major layouts (dots whose operands XLA laid out otherwise are counted in the
+report). Dots inside a while loop (a scanned layer stack, a scan over microbatches) are counted once
+per loop, not per iteration, so use a config with scan_layers=False and grad_accum_steps=1 (tiny).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import NamedTuple
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)  # config files import `configs.turbos`
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+import turbos_jax  # noqa: E402,F401  (host allocator setting, as in the trainer)
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Training config file (default: configs/tiny.py).", lock_config=True)
+_ITERS = flags.DEFINE_integer("iters", 30, "Calls per timing window (each dot, and the step / 5).")
+_WINDOWS = flags.DEFINE_integer("windows", 5, "Timing windows; the median is reported.")
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
+_WORKER = flags.DEFINE_bool("worker", False, "Internal: compile the step, print its dots.")
+RESULT_TAG = "@@dots "
+
+_INSTR = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\](?:\{([\d,]*)\})?\S* (\w[\w\-]*)\(")
+_DOT_OPERANDS = re.compile(r" dot\(%([\w.\-]+), %([\w.\-]+)\)")
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) ")
+
+
+class FloorError(RuntimeError):
+    """The worker process could not compile the step (reported in one line)."""
+
+
+class Dot(NamedTuple):
+    """One distinct dot of a program: operand (dtype, shape) pairs, dimension numbers, source."""
+
+    lhs: tuple[str, tuple[int, ...]]
+    rhs: tuple[str, tuple[int, ...]]
+    contracting: tuple[tuple[int, ...], tuple[int, ...]]
+    batch: tuple[tuple[int, ...], tuple[int, ...]]
+    source: str
+
+    @property
+    def flops(self) -> int:
+        """2 * (lhs elements) * (rhs free elements)."""
+        (_, ls), (_, rs) = self.lhs, self.rhs
+        rhs_free = math.prod(
+            d for i, d in enumerate(rs) if i not in self.contracting[1] and i not in self.batch[1]
+        )
+        return 2 * math.prod(ls) * rhs_free
+
+
+def _dims(text: str, key: str) -> tuple[int, ...]:
+    m = re.search(key + r"=\{([\d,]*)\}", text)
+    return tuple(int(v) for v in m.group(1).split(",") if v) if m else ()
+
+
+def _stack_sources(hlo: str) -> dict[int, str]:
+    """stack_frame_id -> "path:function" of the innermost frame in this repository's packages."""
+    files, funcs, locs, frames, section = {}, {}, {}, {}, None
+    for line in hlo.splitlines():
+        s = line.strip()
+        if s in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+            section = s
+            continue
+        if section is None or not s or not s[0].isdigit():
+            section = None if not s else section
+            continue
+        idx = int(s.split()[0])
+        fields = dict(re.findall(r"(\w+)=(\d+)", s))
+        if section == "FileNames":
+            files[idx] = s.split(" ", 1)[1].strip('"')
+        elif section == "FunctionNames":
+            funcs[idx] = s.split(" ", 1)[1].strip('"')
+        elif section == "FileLocations":
+            locs[idx] = (files[int(fields["file_name_id"])], funcs[int(fields["function_name_id"])])
+        else:
+            frames[idx] = (int(fields["file_location_id"]), int(fields["parent_frame_id"]))
+
+    def source(frame: int) -> str:
+        seen = set()
+        while frame in frames and frame not in seen:
+            seen.add(frame)
+            path, func = locs[frames[frame][0]]
+            rel = os.path.relpath(path, REPO) if os.path.isabs(path) else path
+            if rel.startswith(("turbos_jax", "pallas_kernels")):
+                return f"{rel}:{func}"
+            frame = frames[frame][1]
+        return "other"
+
+    return {f: source(f) for f in frames}
+
+
+def hlo_dots(hlo: str) -> tuple[collections.Counter, int]:
+    """Optimised HLO text -> (Counter of `Dot` -> occurrences, dots with non-row-major operands)."""
+    sources = _stack_sources(hlo)
+    dots, odd_layouts = collections.Counter(), 0
+    shapes: dict[str, tuple[str, tuple[int, ...], str | None]] = {}
+    for line in hlo.splitlines():
+        if _COMPUTATION.match(line):
+            shapes = {}  # instruction names are local to a computation
+            continue
+        m = _INSTR.match(line)
+        if not m:
+            continue
+        name, dtype, dims, layout, _ = m.groups()
+        shape = tuple(int(v) for v in dims.split(",") if v)
+        shapes[name] = (dtype, shape, layout)
+        ops = _DOT_OPERANDS.search(line)
+        if not ops:
+            continue
+        lhs, rhs = shapes[ops.group(1)], shapes[ops.group(2)]
+        if any(
+            lay and [int(v) for v in lay.split(",")] != list(range(len(s) - 1, -1, -1))
+            for _, s, lay in (lhs, rhs)
+        ):
+            odd_layouts += 1
+        frame = re.search(r"stack_frame_id=(\d+)", line)
+        dots[
+            Dot(
+                lhs[:2],
+                rhs[:2],
+                (_dims(line, "lhs_contracting_dims"), _dims(line, "rhs_contracting_dims")),
+                (_dims(line, "lhs_batch_dims"), _dims(line, "rhs_batch_dims")),
+                sources.get(int(frame.group(1)), "other") if frame else "other",
+            )
+        ] += 1
+    return dots, odd_layouts
+
+
+def _median_ms(fn, iters: int, windows: int) -> float:
+    import jax
+
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(windows):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            out = fn()
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / iters * 1e3)
+    return statistics.median(times)
+
+
+def time_dot(dot: Dot, iters: int, windows: int) -> float:
+    """Median ms of this dot alone on the default device."""
+    import jax
+    import jax.numpy as jnp
+
+    (ldt, ls), (rdt, rs) = dot.lhs, dot.rhs
+    key_l, key_r = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(key_l, ls, jnp.float32).astype(
+        ldt.replace("f32", "float32").replace("bf16", "bfloat16")
+    )
+    b = jax.random.normal(key_r, rs, jnp.float32).astype(
+        rdt.replace("f32", "float32").replace("bf16", "bfloat16")
+    )
+    f = jax.jit(lambda a, b: jax.lax.dot_general(a, b, (dot.contracting, dot.batch)))
+    return _median_ms(lambda: f(a, b), iters, windows)
+
+
+def compile_train_step(config):
+    """The trainer's step for `config` on the local devices -> (compiled, run-one-step callable)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from turbos_jax import sharding
+    from turbos_jax.config import ModelConfig, check_train_config
+    from turbos_jax.step import make_train_step, train_setup
+
+    model_cfg = ModelConfig.from_config(config.model)
+    check_train_config(config)
+    mesh = sharding.make_mesh(
+        config.mesh,
+        model_cfg=model_cfg,
+        batch_size=config.batch_size,
+        grad_accum_steps=config.grad_accum_steps,
+    )
+    batch_sharding = NamedSharding(mesh, P(("data", "expert")))
+    graphdef, tx, schedule, init_state, abstract_state = train_setup(config, model_cfg)
+    shardings = sharding.named_shardings(abstract_state, mesh)
+    b, s = config.batch_size, config.seq_len
+    rng = np.random.default_rng(0)
+    batch = {
+        "inputs": rng.integers(0, model_cfg.vocab_size, (b, s)),
+        "targets": rng.integers(0, model_cfg.vocab_size, (b, s)),
+        "segment_ids": np.ones((b, s)),
+        "positions": np.broadcast_to(np.arange(s), (b, s)),
+        "loss_mask": np.ones((b, s)),
+    }
+    batch = {
+        k: jax.device_put(jnp.asarray(v, jnp.float32 if k == "loss_mask" else jnp.int32), batch_sharding)
+        for k, v in batch.items()
+    }
+    step = make_train_step(graphdef, tx, schedule, batch_sharding, config.grad_accum_steps)
+    with jax.set_mesh(mesh):
+        state = {"s": jax.jit(init_state, out_shardings=shardings)()}
+        compiled = (
+            jax.jit(
+                step, in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=(0,)
+            )
+            .lower(state["s"], batch)
+            .compile()
+        )
+
+    def run():
+        state["s"], metrics = compiled(state["s"], batch)
+        return metrics["loss"]
+
+    return compiled, run
+
+
+def _step_dots(config) -> dict:
+    """Worker: compile the step (this writes the persistent cache) -> its dots, for the parent."""
+    compiled, _ = compile_train_step(config)
+    dots, odd_layouts = hlo_dots(compiled.as_text())
+    return {
+        "odd_layouts": odd_layouts,
+        "dots": [[d.lhs, d.rhs, d.contracting, d.batch, d.source, n] for d, n in dots.items()],
+    }
+
+
+def _as_tuples(v):
+    return tuple(_as_tuples(x) for x in v) if isinstance(v, list) else v
+
+
+def analyse(config, iters: int, windows: int) -> dict:
+    """Steps 1-4 of the module doc. The step is compiled in a child process: a compile leaves this
+    process's heap fragmented, which slows oneDNN's matmuls afterwards (benchmarks/RESULTS.md,
+    "Compilation cache"); the parent times the dots, then the step loaded from the cache the child
+    wrote, both on a clean heap."""
+    import jax
+
+    from turbos_jax.config import ModelConfig, check_train_config
+
+    ModelConfig.from_config(config.model)  # config mistakes: one line here, not in the worker
+    check_train_config(config)
+    with tempfile.TemporaryDirectory(prefix="matmul_floor_cache_") as cache:
+        env = {
+            **os.environ,
+            "JAX_COMPILATION_CACHE_DIR": cache,
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        }
+        proc = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--worker"],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        found = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_TAG)]
+        if proc.returncode or not found:
+            raise FloorError(
+                "compiling the step failed: " + (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            )
+        worker = json.loads(found[0][len(RESULT_TAG) :])
+        dots = {Dot(*_as_tuples(d[:5])): d[5] for d in worker["dots"]}
+        rows = [
+            {
+                "source": d.source,
+                "lhs": list(d.lhs[1]),
+                "rhs": list(d.rhs[1]),
+                "dtype": d.lhs[0],
+                "contracting": [list(c) for c in d.contracting],
+                "batch": [list(c) for c in d.batch],
+                "count": n,
+                "gflop": d.flops * n / 1e9,
+                "ms_each": time_dot(d, iters, windows),
+            }
+            for d, n in dots.items()
+        ]
+
+        hits = []
+        listener = lambda event, **_: hits.append(event == "/jax/compilation_cache/cache_hits")
+        jax.config.update("jax_compilation_cache_dir", cache)
+        jax.monitoring.register_event_listener(listener)
+        _, run = compile_train_step(config)
+        jax.monitoring.unregister_event_listener(listener)
+        step_ms = _median_ms(run, max(1, iters // 5), windows)
+    floor = sum(r["ms_each"] * r["count"] for r in rows)
+    return {
+        "batch_size": config.batch_size,
+        "seq_len": config.seq_len,
+        "step_ms": step_ms,
+        "step_from_cache": any(hits),
+        "dots": sum(dots.values()),
+        "distinct_dots": len(dots),
+        "dots_with_non_row_major_operands": worker["odd_layouts"],
+        "matmul_floor_ms": floor,
+        "matmul_gflop": sum(r["gflop"] for r in rows),
+        "rows": rows,
+    }
+
+
+def format_report(r: dict) -> str:
+    by_source = collections.defaultdict(lambda: [0, 0.0, 0.0])
+    for row in r["rows"]:
+        agg = by_source[row["source"]]
+        agg[0] += row["count"]
+        agg[1] += row["gflop"]
+        agg[2] += row["ms_each"] * row["count"]
+    head = ("source (innermost function)", "dots", "GFLOP", "floor ms", "GFLOP/s")
+    body = [
+        (src, str(n), f"{g:.3f}", f"{ms:.2f}", f"{g / ms * 1e3:.1f}")
+        for src, (n, g, ms) in sorted(by_source.items(), key=lambda kv: -kv[1][2])
+    ]
+    body.append(
+        (
+            "all dots",
+            str(r["dots"]),
+            f"{r['matmul_gflop']:.3f}",
+            f"{r['matmul_floor_ms']:.2f}",
+            f"{r['matmul_gflop'] / r['matmul_floor_ms'] * 1e3:.1f}",
+        )
+    )
+    widths = [max(len(x) for x in col) for col in zip(head, *body, strict=True)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+    tokens = r["batch_size"] * r["seq_len"]
+    return "\n".join(
+        [
+            f"batch {r['batch_size']} x seq_len {r['seq_len']} = {tokens} tokens/step; "
+            f"{r['dots']} dots ({r['distinct_dots']} distinct), each timed alone",
+            line(head),
+            "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+            *map(line, body),
+            f"measured step ({'loaded from' if r['step_from_cache'] else 'NOT from'} the compile "
+            f"cache): {r['step_ms']:.1f} ms ({tokens / r['step_ms'] * 1e3:,.0f} tokens/s); "
+            f"dots alone: {r['matmul_floor_ms']:.1f} ms = {r['matmul_floor_ms'] / r['step_ms']:.0%} "
+            f"of it (a step made only of its dots: {tokens / r['matmul_floor_ms'] * 1e3:,.0f} tokens/s)",
+            f"{r['dots_with_non_row_major_operands']} dots have operands XLA laid out other than "
+            "row-major; they were timed row-major",
+        ]
+    )
+
+
+def _config():
+    """--config (with its --config.KEY=VALUE overrides), or configs/tiny.py when none is given.
+
+    The flag has no default file: ml_collections would parse a default, and apply the overrides to
+    it, while the flags are being defined, where a bad key cannot be reported in one line (so
+    overrides need an explicit --config=FILE)."""
+    if _CONFIG.value is not None:
+        return _CONFIG.value
+    from configs import tiny
+
+    return tiny.get_config()
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if _WORKER.value:
+        print(RESULT_TAG + json.dumps(_step_dots(_config())), flush=True)
+        return
+    report = analyse(_config(), _ITERS.value, _WINDOWS.value)
+    print(json.dumps(report, indent=1) if _JSON.value else format_report(report))
+
+
+if __name__ == "__main__":
+    from turbos_jax import cli
+
+    cli.run(main, FloorError)
