@@ -46,13 +46,19 @@ from ml_collections import config_flags  # noqa: E402
 
 import turbos_jax  # noqa: E402,F401  (host allocator setting, as in the trainer)
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Training config file (default: configs/tiny.py).", lock_config=True)
-_ITERS = flags.DEFINE_integer("iters", 30, "Calls per timing window (each dot, and the step / 5).")
-_WINDOWS = flags.DEFINE_integer("windows", 5, "Timing windows; the median is reported.")
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
-_WORKER = flags.DEFINE_bool("worker", False, "Internal: compile the step, print its dots.")
 RESULT_TAG = "@@dots "
+
+
+def _define_flags() -> None:
+    """The script's absl flags, defined only when it runs as a script: tests import the HLO reader
+    into a process where the trainer has defined --config already."""
+    global _CONFIG, _ITERS, _WINDOWS, _JSON, _WORKER
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", None, "Training config file (default: configs/tiny.py).", lock_config=True)
+    _ITERS = flags.DEFINE_integer("iters", 30, "Calls per timing window (each dot; the step / 5).")
+    _WINDOWS = flags.DEFINE_integer("windows", 5, "Timing windows; the median is reported.")
+    _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
+    _WORKER = flags.DEFINE_bool("worker", False, "Internal: compile the step, print its dots.")
 
 _INSTR = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\](?:\{([\d,]*)\})?\S* (\w[\w\-]*)\(")
 _DOT_OPERANDS = re.compile(r" dot\(%([\w.\-]+), %([\w.\-]+)\)")
@@ -393,4 +399,5 @@ def main(argv):
 if __name__ == "__main__":
     from turbos_jax import cli
 
+    _define_flags()
     cli.run(main, FloorError)
