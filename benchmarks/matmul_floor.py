@@ -19,8 +19,9 @@ Algorithm:
 
 The sum is optimistic, so a lower bound for the step: every dot runs alone with both cores and a
 warm cache, in row-major layouts (dots whose operands XLA laid out otherwise are counted in the
-report). Dots inside a while loop (a scanned layer stack, a scan over microbatches) are counted once
-per loop, not per iteration, so use a config with scan_layers=False and grad_accum_steps=1 (tiny).
+report). Dots inside a while loop (a scanned layer stack, a scan over microbatches, the SSD scan's
+chunk loop) count once per iteration, by XLA's known trip count; the report says how many loops had
+none (their dots are counted once per loop).
 """
 
 from __future__ import annotations
@@ -129,41 +130,63 @@ def _stack_sources(hlo: str) -> dict[int, str]:
     return {f: source(f) for f in frames}
 
 
-def hlo_dots(hlo: str) -> tuple[collections.Counter, int]:
-    """Optimised HLO text -> (Counter of `Dot` -> occurrences, dots with non-row-major operands)."""
+def hlo_dots(hlo: str) -> tuple[collections.Counter, int, int]:
+    """Optimised HLO text -> (Counter of `Dot` -> executions per step, dots with non-row-major
+    operands, while loops without a known trip count).
+
+    A dot inside a while loop's body counts once per iteration (XLA's `known_trip_count`; once when
+    the count is unknown), inside a fusion or call as often as its caller runs.
+    """
     sources = _stack_sources(hlo)
-    dots, odd_layouts = collections.Counter(), 0
+    per_comp: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    callees: dict[str, list[tuple[str, int]]] = collections.defaultdict(list)
+    entry, comp, odd_layouts, unknown_loops = None, None, 0, 0
     shapes: dict[str, tuple[str, tuple[int, ...], str | None]] = {}
     for line in hlo.splitlines():
-        if _COMPUTATION.match(line):
-            shapes = {}  # instruction names are local to a computation
+        head = _COMPUTATION.match(line)
+        if head:
+            comp, shapes = head.group(1), {}  # instruction names are local to a computation
+            entry = comp if line.startswith("ENTRY") else entry
             continue
+        for kind, callee in re.findall(r"\b(calls|to_apply|body)=%([\w.\-]+)", line):
+            trips = 1
+            if kind == "body":
+                n = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+                trips = int(n.group(1)) if n else 1
+                unknown_loops += n is None
+            callees[comp].append((callee, trips))
         m = _INSTR.match(line)
         if not m:
             continue
         name, dtype, dims, layout, _ = m.groups()
-        shape = tuple(int(v) for v in dims.split(",") if v)
-        shapes[name] = (dtype, shape, layout)
+        shapes[name] = (dtype, tuple(int(v) for v in dims.split(",") if v), layout)
         ops = _DOT_OPERANDS.search(line)
         if not ops:
             continue
         lhs, rhs = shapes[ops.group(1)], shapes[ops.group(2)]
-        if any(
-            lay and [int(v) for v in lay.split(",")] != list(range(len(s) - 1, -1, -1))
-            for _, s, lay in (lhs, rhs)
-        ):
+        if any(lay and [int(v) for v in lay.split(",")] != list(range(len(s) - 1, -1, -1))
+               for _, s, lay in (lhs, rhs)):
             odd_layouts += 1
         frame = re.search(r"stack_frame_id=(\d+)", line)
-        dots[
-            Dot(
-                lhs[:2],
-                rhs[:2],
-                (_dims(line, "lhs_contracting_dims"), _dims(line, "rhs_contracting_dims")),
-                (_dims(line, "lhs_batch_dims"), _dims(line, "rhs_batch_dims")),
-                sources.get(int(frame.group(1)), "other") if frame else "other",
-            )
-        ] += 1
-    return dots, odd_layouts
+        source = sources.get(int(frame.group(1)), "other") if frame else "other"
+        per_comp[comp][Dot(lhs[:2], rhs[:2],
+                           (_dims(line, "lhs_contracting_dims"), _dims(line, "rhs_contracting_dims")),
+                           (_dims(line, "lhs_batch_dims"), _dims(line, "rhs_batch_dims")),
+                           source)] += 1
+
+    runs: collections.Counter = collections.Counter()  # computation -> executions per step
+
+    def visit(c: str, times: int) -> None:  # the call graph is acyclic
+        runs[c] += times
+        for callee, trips in callees.get(c, ()):
+            visit(callee, times * trips)
+
+    visit(entry, 1)
+    dots: collections.Counter = collections.Counter()
+    for c, counter in per_comp.items():
+        for dot, n in counter.items():
+            dots[dot] += n * runs[c]
+    return dots, odd_layouts, unknown_loops
 
 
 def _median_ms(fn, iters: int, windows: int) -> float:
@@ -254,9 +277,10 @@ def compile_train_step(config):
 def _step_dots(config) -> dict:
     """Worker: compile the step (this writes the persistent cache) -> its dots, for the parent."""
     compiled, _ = compile_train_step(config)
-    dots, odd_layouts = hlo_dots(compiled.as_text())
+    dots, odd_layouts, unknown_loops = hlo_dots(compiled.as_text())
     return {
         "odd_layouts": odd_layouts,
+        "unknown_loops": unknown_loops,
         "dots": [[d.lhs, d.rhs, d.contracting, d.batch, d.source, n] for d, n in dots.items()],
     }
 
@@ -326,6 +350,7 @@ def analyse(config, iters: int, windows: int) -> dict:
         "dots": sum(dots.values()),
         "distinct_dots": len(dots),
         "dots_with_non_row_major_operands": worker["odd_layouts"],
+        "loops_without_trip_count": worker["unknown_loops"],
         "matmul_floor_ms": floor,
         "matmul_gflop": sum(r["gflop"] for r in rows),
         "rows": rows,
@@ -368,7 +393,8 @@ def format_report(r: dict) -> str:
             f"dots alone: {r['matmul_floor_ms']:.1f} ms = {r['matmul_floor_ms'] / r['step_ms']:.0%} "
             f"of it (a step made only of its dots: {tokens / r['matmul_floor_ms'] * 1e3:,.0f} tokens/s)",
             f"{r['dots_with_non_row_major_operands']} dots have operands XLA laid out other than "
-            "row-major; they were timed row-major",
+            f"row-major (timed row-major); {r['loops_without_trip_count']} while loops without a "
+            "known trip count (their dots counted once per loop)",
         ]
     )
 

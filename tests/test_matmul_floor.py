@@ -27,8 +27,8 @@ def _dots(fn, *args):
 
 def test_reads_chained_matmuls_with_shapes_dims_and_flops():
     a, b, c = jnp.ones((16, 8)), jnp.ones((8, 4)), jnp.ones((4, 2))
-    dots, odd = _dots(lambda a, b, c: jnp.tanh(a @ b) @ c, a, b, c)
-    assert odd == 0
+    dots, odd, unknown_loops = _dots(lambda a, b, c: jnp.tanh(a @ b) @ c, a, b, c)
+    assert odd == 0 and unknown_loops == 0
     got = {(d.lhs, d.rhs, d.contracting, d.batch): n for d, n in dots.items()}
     assert got == {(("f32", (16, 8)), ("f32", (8, 4)), ((1,), (0,)), ((), ())): 1,
                    (("f32", (16, 4)), ("f32", (4, 2)), ((1,), (0,)), ((), ())): 1}
@@ -39,13 +39,31 @@ def test_batched_expert_dots_are_attributed_to_their_function():
     e, g, c, d, f = 4, 2, 8, 16, 32
     xe = jax.random.normal(jax.random.key(0), (e, g, c, d))
     wg, wu, wo = jnp.ones((e, d, f)), jnp.ones((e, d, f)), jnp.ones((e, f, d))
-    dots, _ = _dots(moe._capacity_experts, xe, wg, wu, wo)
+    dots, _, _ = _dots(moe._capacity_experts, xe, wg, wu, wo)
     assert sum(dots.values()) == 3
     assert {dot.source for dot in dots} == {"turbos_jax/layers/moe.py:_capacity_experts"}
     assert sum(dot.flops * n for dot, n in dots.items()) == 3 * 2 * e * g * c * d * f
     for dot in dots:  # one batch dim (the experts), one contracting dim
         assert len(dot.batch[0]) == 1 and len(dot.contracting[0]) == 1
         assert dot.lhs[1][dot.batch[0][0]] == e
+
+
+def test_dots_in_loops_count_once_per_iteration():
+    w, x = jnp.ones((8, 8)), jnp.ones((4, 8))
+
+    def scanned(w, x):  # 5 iterations, one dot each, then one more outside
+        y, _ = jax.lax.scan(lambda h, _: (jnp.tanh(h @ w), None), x, None, length=5)
+        return y @ w.T
+
+    dots, _, unknown_loops = _dots(scanned, w, x)
+    assert sum(dots.values()) == 6 and unknown_loops == 0
+
+    def dynamic(w, x, n):  # trip count only known at run time: counted once, and reported
+        return jax.lax.while_loop(lambda c: c[0] < n, lambda c: (c[0] + 1, jnp.tanh(c[1] @ w)),
+                                  (0, x))[1]
+
+    dots, _, unknown_loops = _dots(dynamic, w, x, 3)
+    assert sum(dots.values()) == 1 and unknown_loops == 1
 
 
 def test_time_dot_runs_the_dot_it_describes():
