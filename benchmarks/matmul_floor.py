@@ -61,6 +61,10 @@ def _define_flags() -> None:
     _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
     _WORKER = flags.DEFINE_bool("worker", False, "Internal: compile the step, print its dots.")
 
+
+# HLO element types -> numpy dtype names, for the operands of a timed dot.
+HLO_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "f64": "float64",
+              "s8": "int8", "u8": "uint8", "s32": "int32"}
 _INSTR = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\](?:\{([\d,]*)\})?\S* (\w[\w\-]*)\(")
 _DOT_OPERANDS = re.compile(r" dot\(%([\w.\-]+), %([\w.\-]+)\)")
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) ")
@@ -204,18 +208,18 @@ def _median_ms(fn, iters: int, windows: int) -> float:
 
 
 def time_dot(dot: Dot, iters: int, windows: int) -> float:
-    """Median ms of this dot alone on the default device."""
+    """Median ms of this dot alone on the default device, on random operands of its dtypes."""
     import jax
     import jax.numpy as jnp
 
-    (ldt, ls), (rdt, rs) = dot.lhs, dot.rhs
+    def operand(key, hlo_dtype: str, shape):
+        if hlo_dtype not in HLO_DTYPES:
+            raise FloorError(f"a dot of the step has operands of HLO type {hlo_dtype}, which this "
+                             f"script does not time (known: {', '.join(HLO_DTYPES)})")
+        return (jax.random.normal(key, shape, jnp.float32) * 8).astype(HLO_DTYPES[hlo_dtype])
+
     key_l, key_r = jax.random.split(jax.random.key(0))
-    a = jax.random.normal(key_l, ls, jnp.float32).astype(
-        ldt.replace("f32", "float32").replace("bf16", "bfloat16")
-    )
-    b = jax.random.normal(key_r, rs, jnp.float32).astype(
-        rdt.replace("f32", "float32").replace("bf16", "bfloat16")
-    )
+    a, b = operand(key_l, *dot.lhs), operand(key_r, *dot.rhs)
     f = jax.jit(lambda a, b: jax.lax.dot_general(a, b, (dot.contracting, dot.batch)))
     return _median_ms(lambda: f(a, b), iters, windows)
 

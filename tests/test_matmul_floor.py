@@ -66,10 +66,17 @@ def test_dots_in_loops_count_once_per_iteration():
     assert sum(dots.values()) == 1 and unknown_loops == 1
 
 
-def test_time_dot_runs_the_dot_it_describes():
-    dot = matmul_floor.Dot(("f32", (32, 16)), ("f32", (16, 8)), ((1,), (0,)), ((), ()), "x")
+@pytest.mark.parametrize("dtype", ["f32", "bf16", "s8"])
+def test_time_dot_runs_the_dot_it_describes(dtype):
+    dot = matmul_floor.Dot((dtype, (32, 16)), (dtype, (16, 8)), ((1,), (0,)), ((), ()), "x")
     assert matmul_floor.time_dot(dot, iters=2, windows=1) > 0
     assert dot.flops == 2 * 32 * 16 * 8
+
+
+def test_time_dot_names_an_operand_type_it_cannot_time():
+    dot = matmul_floor.Dot(("c64", (4, 4)), ("c64", (4, 4)), ((1,), (0,)), ((), ()), "x")
+    with pytest.raises(matmul_floor.FloorError, match="c64"):
+        matmul_floor.time_dot(dot, iters=1, windows=1)
 
 
 def _env():
