@@ -46,6 +46,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 import turbos_jax  # noqa: E402,F401  (host allocator setting, as in the trainer)
+from turbos_jax import cli  # noqa: E402
 
 RESULT_TAG = "@@dots "
 
@@ -403,31 +404,16 @@ def format_report(r: dict) -> str:
     )
 
 
-def _config():
-    """--config (with its --config.KEY=VALUE overrides), or configs/tiny.py when none is given.
-
-    The flag has no default file: ml_collections would parse a default, and apply the overrides to
-    it, while the flags are being defined, where a bad key cannot be reported in one line (so
-    overrides need an explicit --config=FILE)."""
-    if _CONFIG.value is not None:
-        return _CONFIG.value
-    from configs import tiny
-
-    return tiny.get_config()
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if _WORKER.value:
-        print(RESULT_TAG + json.dumps(_step_dots(_config())), flush=True)
+        print(RESULT_TAG + json.dumps(_step_dots(cli.config_or_tiny(_CONFIG.value))), flush=True)
         return
-    report = analyse(_config(), _ITERS.value, _WINDOWS.value)
+    report = analyse(cli.config_or_tiny(_CONFIG.value), _ITERS.value, _WINDOWS.value)
     print(json.dumps(report, indent=1) if _JSON.value else format_report(report))
 
 
 if __name__ == "__main__":
-    from turbos_jax import cli
-
     _define_flags()
     cli.run(main, FloorError)

@@ -80,7 +80,7 @@ from ml_collections import config_flags  # noqa: E402
 # Before JAX or torch start threads, so that both workers run under the same host allocator
 # setting (turbos_jax/host_memory.py; --host_malloc picks it for the workers).
 import turbos_jax  # noqa: E402,F401
-from turbos_jax import host_memory  # noqa: E402
+from turbos_jax import cli, host_memory  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config (model keys, batch, seq); default configs/tiny.py.", lock_config=True)
@@ -507,22 +507,9 @@ def _config_name() -> str:
     return os.path.relpath(config_flags.get_config_filename(flags.FLAGS["config"]), REPO)
 
 
-def _config():
-    """--config (with its --config.KEY=VALUE overrides), or configs/tiny.py when none is given.
-
-    The flag has no default file: ml_collections would parse a default, and apply the overrides to
-    it, while the flags are being defined, where a bad key cannot be reported in one line (so
-    overrides need an explicit --config=FILE)."""
-    if _CONFIG.value is not None:
-        return _CONFIG.value
-    from configs import tiny
-
-    return tiny.get_config()
-
-
 def main(argv):
     del argv
-    config = _config()
+    config = cli.config_or_tiny(_CONFIG.value)
     if not _WORKER.value:  # config mistakes: one line here, not a failed worker
         from turbos_jax.config import ModelConfig
 
@@ -584,6 +571,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from turbos_jax import cli
-
     cli.run(main)

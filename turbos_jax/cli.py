@@ -42,3 +42,17 @@ def run(main: Callable[[list[str]], None], *user_errors: type[BaseException]) ->
         key = str(e).strip("'\"")
         culprit = next((o for o in overrides if o.endswith("." + key)), ", ".join(overrides))
         sys.exit(f"error: {culprit}: the config has no key {key!r}")
+
+
+def config_or_tiny(config_flag_value):
+    """A benchmark's --config value, or configs/tiny.py's config when no --config was given.
+
+    Benchmark scripts define --config with no default file: ml_collections would parse a default,
+    and apply --config.KEY=VALUE overrides to it, while the flags are being defined, where a bad key
+    cannot be reported in one line. So overrides need an explicit --config=FILE.
+    """
+    if config_flag_value is not None:
+        return config_flag_value
+    from configs import tiny
+
+    return tiny.get_config()
