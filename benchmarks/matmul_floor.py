@@ -7,15 +7,17 @@ Answers "how much faster can this step get on this machine without changing the 
 2-core CPU it explains why the tiny config's step cannot reach a given target (benchmarks/RESULTS.md).
 
 Algorithm:
-  1. Build the trainer's own step (`turbos_jax.step.make_train_step`, the config's mesh on the local
-     devices), compile it, and time it on a random batch (median of windows, like
-     train_step_throughput.py).
+  1. In a child process, build the trainer's own step (`turbos_jax.step.make_train_step`, the
+     config's mesh on the local devices) and compile it into a temporary persistent cache (a
+     compile fragments the host heap, which slows later matmuls: benchmarks/RESULTS.md).
   2. Read every dot in the optimised HLO, inside fusions too: operand shapes, dtypes, contracting and
      batch dims, and the function of this repository that produced it (from the HLO's stack frames,
      innermost frame under turbos_jax/ or pallas_kernels/).
   3. Time each distinct dot alone: `jax.jit` of one `lax.dot_general` on random operands, median of
      `--windows` windows of `--iters` calls; multiply by how many times the step runs it.
-  4. Print the dots grouped by source function and the sum, next to the measured step.
+  4. Load the step from that cache, time it on a random batch (median of windows, like
+     train_step_throughput.py), and print the dots grouped by source function, their sum and the
+     step.
 
 The sum is optimistic, so a lower bound for the step: every dot runs alone with both cores and a
 warm cache, in row-major layouts (dots whose operands XLA laid out otherwise are counted in the
