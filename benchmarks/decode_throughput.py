@@ -46,18 +46,22 @@ def analytic_table() -> str:
     attn = dataclasses.replace(cfg, layout=cfg.layout.replace("M", "A"))
     hy, aa = cache_bytes(cfg), cache_bytes(attn)
     gib = 2.0**30
-    rows = ["| context | TurboS cache / seq (GiB) | all-attention cache / seq (GiB) | ratio |",
-            "| ---: | ---: | ---: | ---: |"]
+    rows = [
+        "| context | TurboS cache / seq (GiB) | all-attention cache / seq (GiB) | ratio |",
+        "| ---: | ---: | ---: | ---: |",
+    ]
     for t in ANALYTIC_CONTEXTS:
         a = t * hy["kv_bytes_per_token"] + hy["mamba_bytes_per_sequence"]
         b = t * aa["kv_bytes_per_token"] + aa["mamba_bytes_per_sequence"]
         rows.append(f"| {t:,} | {a / gib:.3f} | {b / gib:.3f} | {b / a:.1f}x |")
     rows.append("")
-    rows.append(f"TurboS: {cfg.layer_counts()['A']} attention layers -> "
-                f"{hy['kv_bytes_per_token']:,} KV bytes/token; {cfg.layer_counts()['M']} Mamba2 "
-                f"layers -> {hy['mamba_bytes_per_sequence']:,} bytes/sequence of SSM + conv state. "
-                f"All-attention: {attn.layer_counts()['A']} attention layers -> "
-                f"{aa['kv_bytes_per_token']:,} KV bytes/token.")
+    rows.append(
+        f"TurboS: {cfg.layer_counts()['A']} attention layers -> "
+        f"{hy['kv_bytes_per_token']:,} KV bytes/token; {cfg.layer_counts()['M']} Mamba2 "
+        f"layers -> {hy['mamba_bytes_per_sequence']:,} bytes/sequence of SSM + conv state. "
+        f"All-attention: {attn.layer_counts()['A']} attention layers -> "
+        f"{aa['kv_bytes_per_token']:,} KV bytes/token."
+    )
     return "\n".join(rows)
 
 
@@ -101,11 +105,16 @@ def main():
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip_measure", action="store_true")
-    ap.add_argument("--all_attention", action="store_true",
-                    help="also measure tiny with every Mamba2 slot turned into attention")
+    ap.add_argument(
+        "--all_attention",
+        action="store_true",
+        help="also measure tiny with every Mamba2 slot turned into attention",
+    )
     args = ap.parse_args()
-    print(f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, "
-          f"jax {jax.__version__} {jax.devices()[0].platform}")
+    print(
+        f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, "
+        f"jax {jax.__version__} {jax.devices()[0].platform}"
+    )
     print("\n## Cache bytes per sequence (analytic, configs/turbos.py)\n")
     print(analytic_table())
     if not args.skip_measure:
@@ -113,8 +122,9 @@ def main():
         contexts = [int(c) for c in args.contexts.split(",")]
         print(measure(contexts, args.batch, args.steps, args.repeats))
         if args.all_attention:
-            print(f"\n## Measured decode throughput, all-attention tiny (layout M -> A), "
-                  f"batch {args.batch}\n")
+            print(
+                f"\n## Measured decode throughput, all-attention tiny (layout M -> A), batch {args.batch}\n"
+            )
             print(measure(contexts, args.batch, args.steps, args.repeats, all_attention=True))
 
 

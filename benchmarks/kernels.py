@@ -71,13 +71,43 @@ F32 = jnp.float32
 # HBM bandwidth (bytes/s) of one JAX device, vendors' spec sheets: H100 SXM 3.35 TB/s, H100 PCIe
 # 2.0 TB/s, H200 4.8 TB/s (NVIDIA datasheets); TPU v4 1.2 TB/s, v5e 819 GB/s, v5p 2.76 TB/s, v6e
 # 1.64 TB/s (cloud.google.com/tpu/docs/<version>). Keys are turbos_jax.metrics.PEAK_FLOPS's.
-HBM_BYTES_PER_S = {"tpu_v4": 1.2e12, "tpu_v5e": 8.1e11, "tpu_v5p": 2.76e12, "tpu_v6e": 1.64e12,
-                   "h100_sxm": 3.35e12, "h100_pcie": 2.0e12, "h200": 4.8e12}
-OPS = ("chunk_scan_fwd", "chunk_scan_fwd_bwd", "state_update", "moe_permute", "moe_gmm_up",
-       "moe_gmm_down", "moe_unpermute")
-SMOKE = dict(seq_lens=[64], batch=1, mamba_heads=4, mamba_head_dim=16, mamba_groups=2,
-             mamba_d_state=16, mamba_chunk=16, decode_batch=2, tokens=64, d_model=64, expert_dim=128,
-             num_experts=4, top_k=2, warmup=1, steps=2, windows=2, decode_steps=2)
+HBM_BYTES_PER_S = {
+    "tpu_v4": 1.2e12,
+    "tpu_v5e": 8.1e11,
+    "tpu_v5p": 2.76e12,
+    "tpu_v6e": 1.64e12,
+    "h100_sxm": 3.35e12,
+    "h100_pcie": 2.0e12,
+    "h200": 4.8e12,
+}
+OPS = (
+    "chunk_scan_fwd",
+    "chunk_scan_fwd_bwd",
+    "state_update",
+    "moe_permute",
+    "moe_gmm_up",
+    "moe_gmm_down",
+    "moe_unpermute",
+)
+SMOKE = dict(
+    seq_lens=[64],
+    batch=1,
+    mamba_heads=4,
+    mamba_head_dim=16,
+    mamba_groups=2,
+    mamba_d_state=16,
+    mamba_chunk=16,
+    decode_batch=2,
+    tokens=64,
+    d_model=64,
+    expert_dim=128,
+    num_experts=4,
+    top_k=2,
+    warmup=1,
+    steps=2,
+    windows=2,
+    decode_steps=2,
+)
 
 
 # ------------------------------------------------------------------------------------------ device
@@ -172,8 +202,9 @@ def mamba_cases(a) -> list[Case]:
         if "chunk_scan_fwd" in a.ops:
             cases.append(Case("chunk_scan_fwd", shape, fwd_flops, fwd_bytes, build_fwd))
         if "chunk_scan_fwd_bwd" in a.ops:
-            cases.append(Case("chunk_scan_fwd_bwd", shape, 3 * fwd_flops, fwd_bytes + bwd_bytes,
-                              build_fwd_bwd))
+            cases.append(
+                Case("chunk_scan_fwd_bwd", shape, 3 * fwd_flops, fwd_bytes + bwd_bytes, build_fwd_bwd)
+            )
 
     if "state_update" in a.ops:
         b, steps = a.decode_batch, a.decode_steps
@@ -195,8 +226,9 @@ def mamba_cases(a) -> list[Case]:
             def run(state, y):
                 def body(_, carry):
                     s, _ = carry
-                    y, s = mamba2.state_update(s, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
-                                               dt_softplus=True, impl=impl)
+                    y, s = mamba2.state_update(
+                        s, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=True, impl=impl
+                    )
                     return s, y
 
                 return jax.lax.fori_loop(0, steps, body, (state, y))
@@ -212,8 +244,9 @@ def mamba_cases(a) -> list[Case]:
 
         shape = f"b{b} h{h} p{p} g{g} n{n} x{steps} steps"
         nbytes = 2 * b * h * p * n * 4 + 3 * b * h * p * es + 2 * b * g * n * es + b * h * es
-        cases.append(Case("state_update", shape, 5 * b * h * p * n, nbytes, build_decode,
-                          calls_per_step=steps))
+        cases.append(
+            Case("state_update", shape, 5 * b * h * p * n, nbytes, build_decode, calls_per_step=steps)
+        )
     return cases
 
 
@@ -246,7 +279,7 @@ def moe_cases(a) -> list[Case]:
     def build_gmm(kdim, ndim, impl):
         _, group_sizes, _ = routing()
         lhs = rows((M, kdim), 2)
-        rhs = rows((E, kdim, ndim), 3) * (kdim ** -0.5)
+        rhs = rows((E, kdim, ndim), 3) * (kdim**-0.5)
         fn = jax.jit(functools.partial(moe.grouped_matmul, impl=impl))
         return lambda: fn(lhs, rhs, group_sizes)
 
@@ -259,16 +292,22 @@ def moe_cases(a) -> list[Case]:
     base = f"T{T} k{k} E{E}"
     cases = []
     if "moe_permute" in a.ops:
-        cases.append(Case("moe_permute", f"{base} d{d}", 0, T * d * es + M * d * es + 4 * M,
-                          build_permute))
+        cases.append(Case("moe_permute", f"{base} d{d}", 0, T * d * es + M * d * es + 4 * M, build_permute))
     for op, kdim, ndim in (("moe_gmm_up", d, f), ("moe_gmm_down", f, d)):
         if op in a.ops:
-            cases.append(Case(op, f"{base} {kdim}->{ndim}", 2 * M * kdim * ndim,
-                              (M * kdim + E * kdim * ndim + M * ndim) * es,
-                              functools.partial(build_gmm, kdim, ndim)))
+            cases.append(
+                Case(
+                    op,
+                    f"{base} {kdim}->{ndim}",
+                    2 * M * kdim * ndim,
+                    (M * kdim + E * kdim * ndim + M * ndim) * es,
+                    functools.partial(build_gmm, kdim, ndim),
+                )
+            )
     if "moe_unpermute" in a.ops:
-        cases.append(Case("moe_unpermute", f"{base} d{d}", 2 * M * d, M * d * es + T * d * es + 8 * M,
-                          build_unpermute))
+        cases.append(
+            Case("moe_unpermute", f"{base} d{d}", 2 * M * d, M * d * es + T * d * es + 8 * M, build_unpermute)
+        )
     return cases
 
 
@@ -276,8 +315,10 @@ def moe_cases(a) -> list[Case]:
 @jax.jit
 def _rel_diff(out, ref):
     """max |out - ref| / max |ref| over all leaves (fp32)."""
-    num = [jnp.max(jnp.abs(o.astype(F32) - r.astype(F32))) for o, r in
-           zip(jax.tree.leaves(out), jax.tree.leaves(ref), strict=True)]
+    num = [
+        jnp.max(jnp.abs(o.astype(F32) - r.astype(F32)))
+        for o, r in zip(jax.tree.leaves(out), jax.tree.leaves(ref), strict=True)
+    ]
     den = [jnp.max(jnp.abs(r.astype(F32))) for r in jax.tree.leaves(ref)]
     return jnp.max(jnp.stack(num)) / jnp.maximum(jnp.max(jnp.stack(den)), 1e-30)
 
@@ -337,15 +378,37 @@ def _fmt(v, scale=1.0, digits=3, pct=False):
 
 
 def format_table(rows: list[Row]) -> str:
-    head = ["op", "shape", "impl", "median ms", "min-max ms", "first s", "GB/s", "% HBM", "TFLOP/s",
-            "% bf16 peak", "vs xla", "error"]
+    head = [
+        "op",
+        "shape",
+        "impl",
+        "median ms",
+        "min-max ms",
+        "first s",
+        "GB/s",
+        "% HBM",
+        "TFLOP/s",
+        "% bf16 peak",
+        "vs xla",
+        "error",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
     for r in rows:
         span = "-" if r.min_s is None else f"{r.min_s * 1e3:.3g}-{r.max_s * 1e3:.3g}"
-        cells = [r.op, r.shape, r.impl, _fmt(r.median_s, 1e3), span, _fmt(r.first_s, 1, 3),
-                 _fmt(r.bytes_per_s, 1e-9), _fmt(r.hbm_frac, pct=True),
-                 _fmt(r.flops_per_s or None, 1e-12), _fmt(r.peak_frac, pct=True),
-                 "-" if r.vs_xla is None else f"{r.vs_xla:.1e}", r.error or ""]
+        cells = [
+            r.op,
+            r.shape,
+            r.impl,
+            _fmt(r.median_s, 1e3),
+            span,
+            _fmt(r.first_s, 1, 3),
+            _fmt(r.bytes_per_s, 1e-9),
+            _fmt(r.hbm_frac, pct=True),
+            _fmt(r.flops_per_s or None, 1e-12),
+            _fmt(r.peak_frac, pct=True),
+            "-" if r.vs_xla is None else f"{r.vs_xla:.1e}",
+            r.error or "",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -354,8 +417,9 @@ def parse_args(argv):
     from configs import turbos
 
     m = turbos.get_config().model
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ints = lambda s: [int(v) for v in s.split(",") if v]
     ap.add_argument("--smoke", action="store_true", help="tiny shapes and few steps (tests, CPU)")
     ap.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {OPS}")
@@ -366,8 +430,17 @@ def parse_args(argv):
     ap.add_argument("--decode_batch", type=int, default=8, help="state_update batch")
     ap.add_argument("--decode_steps", type=int, default=16, help="decode steps per timed call")
     ap.add_argument("--tokens", type=int, default=8192, help="MoE tokens T")
-    for key in ("mamba_heads", "mamba_head_dim", "mamba_groups", "mamba_d_state", "mamba_chunk",
-                "d_model", "expert_dim", "num_experts", "top_k"):
+    for key in (
+        "mamba_heads",
+        "mamba_head_dim",
+        "mamba_groups",
+        "mamba_d_state",
+        "mamba_chunk",
+        "d_model",
+        "expert_dim",
+        "num_experts",
+        "top_k",
+    ):
         ap.add_argument(f"--{key}", type=int, default=m[key], help="default: configs/turbos.py")
     ap.add_argument("--warmup", type=int, default=3, help="untimed calls after the first")
     ap.add_argument("--steps", type=int, default=10, help="calls per timing window")
@@ -393,11 +466,17 @@ def main(argv=None):
     warnings.filterwarnings("ignore", message=".*donated buffers.*")
     dev = jax.devices()[0]
     kind, peak, hbm = device_roofline(dev)
-    print(f"device: {kind} ({dev.platform}); bf16 peak {_fmt(peak, 1e-12)} TFLOP/s, HBM "
-          f"{_fmt(hbm, 1e-9)} GB/s; jax {jax.__version__}; dtype {a.dtype}", flush=True)
+    print(
+        f"device: {kind} ({dev.platform}); bf16 peak {_fmt(peak, 1e-12)} TFLOP/s, HBM "
+        f"{_fmt(hbm, 1e-9)} GB/s; jax {jax.__version__}; dtype {a.dtype}",
+        flush=True,
+    )
     if dev.platform == "cpu" and "pallas" in a.impls:
-        print("note: on CPU impl=pallas runs the kernels in Pallas interpret mode; its timings are "
-              "meaningless (only that it runs and matches xla is).", flush=True)
+        print(
+            "note: on CPU impl=pallas runs the kernels in Pallas interpret mode; its timings are "
+            "meaningless (only that it runs and matches xla is).",
+            flush=True,
+        )
     rows = []
     for case in mamba_cases(a) + moe_cases(a):
         print(f"running {case.op} [{case.shape}] ...", file=sys.stderr, flush=True)

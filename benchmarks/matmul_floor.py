@@ -58,7 +58,8 @@ def _define_flags() -> None:
     into a process where the trainer has defined --config already."""
     global _CONFIG, _ITERS, _WINDOWS, _JSON, _WORKER
     _CONFIG = config_flags.DEFINE_config_file(
-        "config", None, "Training config file (default: configs/tiny.py).", lock_config=True)
+        "config", None, "Training config file (default: configs/tiny.py).", lock_config=True
+    )
     _ITERS = flags.DEFINE_integer("iters", 30, "Calls per timing window (each dot; the step / 5).")
     _WINDOWS = flags.DEFINE_integer("windows", 5, "Timing windows; the median is reported.")
     _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
@@ -66,8 +67,15 @@ def _define_flags() -> None:
 
 
 # HLO element types -> numpy dtype names, for the operands of a timed dot.
-HLO_DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16", "f64": "float64",
-              "s8": "int8", "u8": "uint8", "s32": "int32"}
+HLO_DTYPES = {
+    "f32": "float32",
+    "bf16": "bfloat16",
+    "f16": "float16",
+    "f64": "float64",
+    "s8": "int8",
+    "u8": "uint8",
+    "s32": "int32",
+}
 _INSTR = re.compile(r"\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\](?:\{([\d,]*)\})?\S* (\w[\w\-]*)\(")
 _DOT_OPERANDS = re.compile(r" dot\(%([\w.\-]+), %([\w.\-]+)\)")
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) ")
@@ -171,15 +179,22 @@ def hlo_dots(hlo: str) -> tuple[collections.Counter, int, int]:
         if not ops:
             continue
         lhs, rhs = shapes[ops.group(1)], shapes[ops.group(2)]
-        if any(lay and [int(v) for v in lay.split(",")] != list(range(len(s) - 1, -1, -1))
-               for _, s, lay in (lhs, rhs)):
+        if any(
+            lay and [int(v) for v in lay.split(",")] != list(range(len(s) - 1, -1, -1))
+            for _, s, lay in (lhs, rhs)
+        ):
             odd_layouts += 1
         frame = re.search(r"stack_frame_id=(\d+)", line)
         source = sources.get(int(frame.group(1)), "other") if frame else "other"
-        per_comp[comp][Dot(lhs[:2], rhs[:2],
-                           (_dims(line, "lhs_contracting_dims"), _dims(line, "rhs_contracting_dims")),
-                           (_dims(line, "lhs_batch_dims"), _dims(line, "rhs_batch_dims")),
-                           source)] += 1
+        per_comp[comp][
+            Dot(
+                lhs[:2],
+                rhs[:2],
+                (_dims(line, "lhs_contracting_dims"), _dims(line, "rhs_contracting_dims")),
+                (_dims(line, "lhs_batch_dims"), _dims(line, "rhs_batch_dims")),
+                source,
+            )
+        ] += 1
 
     runs: collections.Counter = collections.Counter()  # computation -> executions per step
 
@@ -217,8 +232,10 @@ def time_dot(dot: Dot, iters: int, windows: int) -> float:
 
     def operand(key, hlo_dtype: str, shape):
         if hlo_dtype not in HLO_DTYPES:
-            raise FloorError(f"a dot of the step has operands of HLO type {hlo_dtype}, which this "
-                             f"script does not time (known: {', '.join(HLO_DTYPES)})")
+            raise FloorError(
+                f"a dot of the step has operands of HLO type {hlo_dtype}, which this "
+                f"script does not time (known: {', '.join(HLO_DTYPES)})"
+            )
         return (jax.random.normal(key, shape, jnp.float32) * 8).astype(HLO_DTYPES[hlo_dtype])
 
     key_l, key_r = jax.random.split(jax.random.key(0))

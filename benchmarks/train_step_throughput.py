@@ -83,7 +83,8 @@ import turbos_jax  # noqa: E402,F401
 from turbos_jax import cli, host_memory  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Training config (model keys, batch, seq); default configs/tiny.py.", lock_config=True)
+    "config", None, "Training config (model keys, batch, seq); default configs/tiny.py.", lock_config=True
+)
 _BATCH = flags.DEFINE_integer("batch_size", None, "Sequences per step (default: from the config).")
 _SEQ = flags.DEFINE_integer("seq_len", None, "Tokens per sequence (default: config.seq_len).")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed steps before the timing windows.")
@@ -92,26 +93,42 @@ _WINDOWS = flags.DEFINE_integer("windows", 5, "Timing windows; the median window
 _IMPLS = flags.DEFINE_list("impls", ["jax", "torch"], "Implementations to run: jax, torch.")
 _TORCH_THREADS = flags.DEFINE_integer("torch_threads", 2, "torch.set_num_threads.")
 _TORCH_WIDTH = flags.DEFINE_enum(
-    "torch_expert_width", "matched", ["matched", "same", "both"],
+    "torch_expert_width",
+    "matched",
+    ["matched", "same", "both"],
     "NemotronH expert intermediate size: matched = 3/2 * expert_dim (same params and FLOPs as our "
-    "SwiGLU experts), same = expert_dim, both = run both.")
+    "SwiGLU experts), same = expert_dim, both = run both.",
+)
 _TORCH_EXPERTS = flags.DEFINE_list(
-    "torch_experts", ["default"], "HF experts_implementation(s) to run, one row each: default "
-    "(HF's choice for this machine), eager, grouped_mm, batched_mm.")
+    "torch_experts",
+    ["default"],
+    "HF experts_implementation(s) to run, one row each: default "
+    "(HF's choice for this machine), eager, grouped_mm, batched_mm.",
+)
 _LR = flags.DEFINE_float("learning_rate", 3e-4, "Constant learning rate (both implementations).")
 _SEED = flags.DEFINE_integer("seed", 0, "Init and data seed.")
 _JAX_RERUN = flags.DEFINE_bool(
-    "jax_rerun", True, "Also time turbos-jax with its step loaded from the persistent compilation "
-    "cache the first run wrote (what a rerun of turbos_jax.train gets).")
+    "jax_rerun",
+    True,
+    "Also time turbos-jax with its step loaded from the persistent compilation "
+    "cache the first run wrote (what a rerun of turbos_jax.train gets).",
+)
 _BREAKDOWN = flags.DEFINE_bool("breakdown", False, "Also profile where turbos-jax's step goes.")
 _HOST_MALLOC = flags.DEFINE_enum(
-    "host_malloc", "keep", ["keep", "system"],
+    "host_malloc",
+    "keep",
+    ["keep", "system"],
     "Host allocator for both workers: keep = turbos_jax's default (freed memory stays in the "
-    "process, see turbos_jax/host_memory.py), system = glibc's defaults.")
+    "process, see turbos_jax/host_memory.py), system = glibc's defaults.",
+)
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
-_WORKER = flags.DEFINE_string("worker", "", "Internal: run one implementation in this process "
-                              "(jax:compiled, jax:cached, or torch:<width mode>:<experts>) and "
-                              "print its result.")
+_WORKER = flags.DEFINE_string(
+    "worker",
+    "",
+    "Internal: run one implementation in this process "
+    "(jax:compiled, jax:cached, or torch:<width mode>:<experts>) and "
+    "print its result.",
+)
 RESULT_TAG = "@@result "
 
 # Optimizer hyper-parameters shared by both implementations (the issue's training setup).
@@ -158,10 +175,15 @@ def time_windows(step, warmup: int, steps: int, windows: int):
 
 def summarize_times(per_step, others, tokens: int) -> dict:
     med = statistics.median(per_step)
-    return {"other_processes_cores": statistics.median(others) if others else None,
-            "other_processes_cores_windows": others,"step_ms": 1e3 * med, "step_ms_min": 1e3 * min(per_step),
-            "step_ms_max": 1e3 * max(per_step), "tokens_per_s": tokens / med,
-            "windows_ms": [1e3 * t for t in per_step]}
+    return {
+        "other_processes_cores": statistics.median(others) if others else None,
+        "other_processes_cores_windows": others,
+        "step_ms": 1e3 * med,
+        "step_ms_min": 1e3 * min(per_step),
+        "step_ms_max": 1e3 * max(per_step),
+        "tokens_per_s": tokens / med,
+        "windows_ms": [1e3 * t for t in per_step],
+    }
 
 
 # ================================================================================== turbos-jax
@@ -178,8 +200,10 @@ def run_jax(config, batch: int, seq: int, variant: str) -> dict:
 
     cfg = ModelConfig.from_config(config.model)
     graphdef, params = init_model(cfg, _SEED.value)
-    tx = optax.chain(optax.clip_by_global_norm(CLIP),
-                     optax.adamw(_LR.value, b1=B1, b2=B2, eps=EPS, weight_decay=WEIGHT_DECAY))
+    tx = optax.chain(
+        optax.clip_by_global_norm(CLIP),
+        optax.adamw(_LR.value, b1=B1, b2=B2, eps=EPS, weight_decay=WEIGHT_DECAY),
+    )
     opt_state = jax.jit(tx.init)(params)
     rng = np.random.default_rng(_SEED.value)
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, seq + 1)), jnp.int32)
@@ -204,8 +228,7 @@ def run_jax(config, batch: int, seq: int, variant: str) -> dict:
 
     jax.monitoring.register_event_listener(count_cache_event)
     t0 = time.perf_counter()
-    compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(
-        params, opt_state, inputs, targets).compile()
+    compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(params, opt_state, inputs, targets).compile()
     compile_s = time.perf_counter() - t0
     jax.monitoring.unregister_event_listener(count_cache_event)
 
@@ -224,8 +247,11 @@ def run_jax(config, batch: int, seq: int, variant: str) -> dict:
         "implementation": "turbos-jax" + ("" if variant == "compiled" else ", step from cache"),
         "jax_variant": variant,
         "detail": f"jax {jax.__version__}, {jax.devices()[0].platform}, jit + donate, MoE {moe}, "
-                  + ("compiled in this process" if variant == "compiled"
-                     else "loaded from the persistent compilation cache"),
+        + (
+            "compiled in this process"
+            if variant == "compiled"
+            else "loaded from the persistent compilation cache"
+        ),
         "params_total": counts.total,
         "params_active": counts.active,
         "compile_s": compile_s,
@@ -265,11 +291,12 @@ def jax_breakdown(cfg, graphdef, params, inputs, targets, compiled_step) -> dict
 
     def loss_fn(p, inputs, targets):
         logits, aux = nnx.merge(graphdef, p)(inputs)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean() \
-            + aux["aux_loss"]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean() + aux["aux_loss"]
 
-    res = {"forward_ms": bench(jax.jit(loss_fn), params, inputs, targets),
-           "forward_backward_ms": bench(jax.jit(jax.grad(loss_fn)), params, inputs, targets)}
+    res = {
+        "forward_ms": bench(jax.jit(loss_fn), params, inputs, targets),
+        "forward_backward_ms": bench(jax.jit(jax.grad(loss_fn)), params, inputs, targets),
+    }
 
     # One layer of each kind, forward + backward w.r.t. its parameters and input.
     key = jax.random.PRNGKey(1)
@@ -298,13 +325,15 @@ def jax_breakdown(cfg, graphdef, params, inputs, targets, compiled_step) -> dict
     emb_head = bench(jax.jit(jax.grad(head_loss, argnums=(0, 1))), params, x)
     res["layers"] = layers
     res["lm_head_ce_forward_backward_ms"] = emb_head
-    res["sum_of_layers_forward_backward_ms"] = sum(
-        v["count"] * v["forward_backward_ms"] for v in layers.values()) + emb_head
+    res["sum_of_layers_forward_backward_ms"] = (
+        sum(v["count"] * v["forward_backward_ms"] for v in layers.values()) + emb_head
+    )
     cost = compiled_step.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     if cost:
-        res["xla_cost_analysis"] = {k: float(cost[k]) for k in ("flops", "bytes accessed",
-                                                                 "transcendentals") if k in cost}
+        res["xla_cost_analysis"] = {
+            k: float(cost[k]) for k in ("flops", "bytes accessed", "transcendentals") if k in cost
+        }
     return res
 
 
@@ -367,8 +396,9 @@ def run_torch(config, batch: int, seq: int, width_mode: str, experts: str) -> di
     model = NemotronHForCausalLM._from_config(hf_cfg, dtype=torch.float32, **kwargs)
     model.train()
     used = model.config._experts_implementation
-    opt = torch.optim.AdamW(model.parameters(), lr=_LR.value, betas=(B1, B2), eps=EPS,
-                            weight_decay=WEIGHT_DECAY)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=_LR.value, betas=(B1, B2), eps=EPS, weight_decay=WEIGHT_DECAY
+    )
     gen = torch.Generator().manual_seed(_SEED.value)
     tokens = torch.randint(0, cfg.vocab_size, (batch, seq + 1), generator=gen)
     inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
@@ -377,8 +407,7 @@ def run_torch(config, batch: int, seq: int, width_mode: str, experts: str) -> di
     def step():
         opt.zero_grad(set_to_none=True)
         logits = model(input_ids=inputs, use_cache=False).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                 targets.reshape(-1))
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         opt.step()
@@ -392,9 +421,9 @@ def run_torch(config, batch: int, seq: int, width_mode: str, experts: str) -> di
     return {
         "implementation": f"PyTorch NemotronH (experts {used}{default}, width {width})",
         "detail": f"torch {torch.__version__}, transformers {transformers.__version__}, "
-                  f"{_TORCH_THREADS.value} threads, attn {model.config._attn_implementation}, "
-                  f"experts {model.config._experts_implementation}, "
-                  f"mamba {'mamba_ssm kernels' if mamba_kernels else 'pure-torch fallback'}",
+        f"{_TORCH_THREADS.value} threads, attn {model.config._attn_implementation}, "
+        f"experts {model.config._experts_implementation}, "
+        f"mamba {'mamba_ssm kernels' if mamba_kernels else 'pure-torch fallback'}",
         "expert_width": width,
         "params_total": total,
         "params_active": total - routed + routed * cfg.top_k // cfg.num_experts,
@@ -416,47 +445,76 @@ def machine() -> dict:
                     break
     except OSError:
         pass
-    return {"cpu": model, "cores": os.cpu_count(), "load_average": list(os.getloadavg()),
-            "python": platform.python_version()}
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "load_average": list(os.getloadavg()),
+        "python": platform.python_version(),
+    }
 
 
 def table(results: list[dict]) -> str:
     jax_rows = [r for r in results if "jax_variant" in r]
     ratio_head = "turbos-jax / this" + (" (compiled / from cache)" if len(jax_rows) > 1 else "")
-    head = ("implementation", "params", "active", "tokens/s", "step ms", "compile/warm-up s",
-            ratio_head, "other procs' cores")
+    head = (
+        "implementation",
+        "params",
+        "active",
+        "tokens/s",
+        "step ms",
+        "compile/warm-up s",
+        ratio_head,
+        "other procs' cores",
+    )
     rows = []
     for r in results:
         how = "load" if r.get("jax_variant") == "cached" else "compile"
-        warm = (f"{r['compile_s']:.1f} {how} + {r['warmup_s']:.1f} warm-up"
-                if r["compile_s"] is not None else f"{r['warmup_s']:.1f} warm-up")
-        ratio = " / ".join(f"{j['tokens_per_s'] / r['tokens_per_s']:.2f}x" for j in jax_rows
-                           if r not in jax_rows) or "-"
+        warm = (
+            f"{r['compile_s']:.1f} {how} + {r['warmup_s']:.1f} warm-up"
+            if r["compile_s"] is not None
+            else f"{r['warmup_s']:.1f} warm-up"
+        )
+        ratio = (
+            " / ".join(f"{j['tokens_per_s'] / r['tokens_per_s']:.2f}x" for j in jax_rows if r not in jax_rows)
+            or "-"
+        )
         other = r["other_processes_cores"]
-        rows.append((r["implementation"], f"{r['params_total']:,}", f"{r['params_active']:,}",
-                     f"{r['tokens_per_s']:,.0f}", f"{r['step_ms']:.1f}", warm, ratio,
-                     "-" if other is None else f"{other:.2f}"))
+        rows.append(
+            (
+                r["implementation"],
+                f"{r['params_total']:,}",
+                f"{r['params_active']:,}",
+                f"{r['tokens_per_s']:,.0f}",
+                f"{r['step_ms']:.1f}",
+                warm,
+                ratio,
+                "-" if other is None else f"{other:.2f}",
+            )
+        )
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths,
-                                                                           strict=True)) + " |"
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(head), sep] + [line(r) for r in rows])
 
 
 def breakdown_text(bd: dict) -> str:
-    lines = [f"turbos-jax breakdown: forward {bd['forward_ms']:.1f} ms, forward+backward "
-             f"{bd['forward_backward_ms']:.1f} ms (full step in the table adds clip + AdamW)"]
+    lines = [
+        f"turbos-jax breakdown: forward {bd['forward_ms']:.1f} ms, forward+backward "
+        f"{bd['forward_backward_ms']:.1f} ms (full step in the table adds clip + AdamW)"
+    ]
     for sym, v in bd["layers"].items():
-        lines.append(f"  layer {sym} x{v['count']}: forward {v['forward_ms']:.2f} ms, "
-                     f"forward+backward {v['forward_backward_ms']:.2f} ms each, "
-                     f"{v['count'] * v['forward_backward_ms']:.1f} ms in all")
-    lines.append(f"  final norm + LM head + CE, forward+backward: "
-                 f"{bd['lm_head_ce_forward_backward_ms']:.2f} ms")
+        lines.append(
+            f"  layer {sym} x{v['count']}: forward {v['forward_ms']:.2f} ms, "
+            f"forward+backward {v['forward_backward_ms']:.2f} ms each, "
+            f"{v['count'] * v['forward_backward_ms']:.1f} ms in all"
+        )
+    lines.append(
+        f"  final norm + LM head + CE, forward+backward: {bd['lm_head_ce_forward_backward_ms']:.2f} ms"
+    )
     lines.append(f"  sum of isolated pieces: {bd['sum_of_layers_forward_backward_ms']:.1f} ms")
     if "xla_cost_analysis" in bd:
         c = bd["xla_cost_analysis"]
-        lines.append("  XLA cost analysis of the step: " + ", ".join(
-            f"{k} {v:.3g}" for k, v in c.items()))
+        lines.append("  XLA cost analysis of the step: " + ", ".join(f"{k} {v:.3g}" for k, v in c.items()))
     return "\n".join(lines)
 
 
@@ -464,13 +522,17 @@ def torch_jobs() -> tuple[list[str], list[str]]:
     """Worker names for the PyTorch runs, plus notes when they cannot run."""
     missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
     if missing:
-        return [], [f"PyTorch baseline skipped: {', '.join(missing)} not installed "
-                    "(pip install torch transformers); only turbos-jax was measured"]
+        return [], [
+            f"PyTorch baseline skipped: {', '.join(missing)} not installed "
+            "(pip install torch transformers); only turbos-jax was measured"
+        ]
     import transformers
 
     if not hasattr(transformers, "NemotronHForCausalLM"):
-        return [], [f"PyTorch baseline skipped: transformers {transformers.__version__} has no "
-                    "NemotronH (needs transformers >= 4.55)"]
+        return [], [
+            f"PyTorch baseline skipped: transformers {transformers.__version__} has no "
+            "NemotronH (needs transformers >= 4.55)"
+        ]
     modes = ["matched", "same"] if _TORCH_WIDTH.value == "both" else [_TORCH_WIDTH.value]
     return [f"torch:{m}:{e}" for m in modes for e in _TORCH_EXPERTS.value], []
 
@@ -492,12 +554,16 @@ def spawn(job: str, cache_dir: str) -> dict:
     process slow each other down) and returns its result dict. turbos-jax workers share
     `cache_dir` as their persistent compilation cache (empty for the first)."""
     cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], f"--worker={job}"]
-    env = {**os.environ, host_memory.ENV_VAR: _HOST_MALLOC.value,
-           "JAX_COMPILATION_CACHE_DIR": cache_dir, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    env = {
+        **os.environ,
+        host_memory.ENV_VAR: _HOST_MALLOC.value,
+        "JAX_COMPILATION_CACHE_DIR": cache_dir,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    }
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG):])
+            return json.loads(line[len(RESULT_TAG) :])
     raise RuntimeError(f"worker {job!r} failed with exit code {proc.returncode}")
 
 
@@ -543,27 +609,41 @@ def main(argv):
     report = {
         "config": _config_name(),
         "command": " ".join(["python", os.path.relpath(__file__, REPO), *sys.argv[1:]]),
-        "batch_size": batch, "seq_len": seq, "tokens_per_step": batch * seq,
-        "warmup": _WARMUP.value, "steps_per_window": _STEPS.value, "windows": _WINDOWS.value,
-        "machine": machine(), "results": results, "notes": notes,
+        "batch_size": batch,
+        "seq_len": seq,
+        "tokens_per_step": batch * seq,
+        "warmup": _WARMUP.value,
+        "steps_per_window": _STEPS.value,
+        "windows": _WINDOWS.value,
+        "machine": machine(),
+        "results": results,
+        "notes": notes,
     }
     if _JSON.value:
         print(json.dumps(report, indent=2))
         return
     m = report["machine"]
-    print(f"{m['cpu']}, {m['cores']} cores; load average {m['load_average'][0]:.2f} "
-          f"{m['load_average'][1]:.2f} {m['load_average'][2]:.2f} (1, 5, 15 min) at the end")
-    print(f"{report['config']}: batch {batch} x seq_len {seq} = {batch * seq} tokens/step; median "
-          f"of {_WINDOWS.value} windows x {_STEPS.value} steps after {_WARMUP.value} warm-up steps")
+    print(
+        f"{m['cpu']}, {m['cores']} cores; load average {m['load_average'][0]:.2f} "
+        f"{m['load_average'][1]:.2f} {m['load_average'][2]:.2f} (1, 5, 15 min) at the end"
+    )
+    print(
+        f"{report['config']}: batch {batch} x seq_len {seq} = {batch * seq} tokens/step; median "
+        f"of {_WINDOWS.value} windows x {_STEPS.value} steps after {_WARMUP.value} warm-up steps"
+    )
     print(table(results))
-    print("other procs' cores: CPU cores used by other processes during the timed windows "
-          "(median); > 0.1 means the numbers are contended")
+    print(
+        "other procs' cores: CPU cores used by other processes during the timed windows "
+        "(median); > 0.1 means the numbers are contended"
+    )
     for r in results:
         lo, hi = r["load_average_1min"]
-        print(f"  {r['implementation']}: {r['detail']}; host malloc {r['host_malloc']}; "
-              f"final loss {r['final_loss']:.3f}; step ms min {r['step_ms_min']:.1f} "
-              f"max {r['step_ms_max']:.1f}; 1-min load average "
-              f"{lo:.2f} -> {hi:.2f} (includes this benchmark)")
+        print(
+            f"  {r['implementation']}: {r['detail']}; host malloc {r['host_malloc']}; "
+            f"final loss {r['final_loss']:.3f}; step ms min {r['step_ms_min']:.1f} "
+            f"max {r['step_ms_max']:.1f}; 1-min load average "
+            f"{lo:.2f} -> {hi:.2f} (includes this benchmark)"
+        )
     for note in notes:
         print(f"note: {note}")
     if jax_row is not None and "breakdown" in jax_row:

@@ -14,12 +14,14 @@ import os
 import sys
 import tempfile
 
-os.environ["XLA_FLAGS"] = " ".join([
-    os.environ.get("XLA_FLAGS", ""),
-    "--xla_force_host_platform_device_count=8",
-    "--xla_backend_optimization_level=0",
-    "--xla_cpu_experimental_ynn_fusion_type=",
-]).strip()
+os.environ["XLA_FLAGS"] = " ".join(
+    [
+        os.environ.get("XLA_FLAGS", ""),
+        "--xla_force_host_platform_device_count=8",
+        "--xla_backend_optimization_level=0",
+        "--xla_cpu_experimental_ynn_fusion_type=",
+    ]
+).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # libtpu (TPU AOT tests) takes a lock file; xdist workers each load it.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -28,8 +30,9 @@ sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
 
-jax.config.update("jax_compilation_cache_dir",
-                  os.environ.get("TURBOS_TEST_JAX_CACHE",
-                                 os.path.join(tempfile.gettempdir(), "turbos_jax_test_cache")))
+jax.config.update(
+    "jax_compilation_cache_dir",
+    os.environ.get("TURBOS_TEST_JAX_CACHE", os.path.join(tempfile.gettempdir(), "turbos_jax_test_cache")),
+)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -19,19 +19,34 @@ def _run(*args):
     extra = os.environ.get("TURBOS_TEST_LIBTPU_PATH")
     if extra:
         env["PYTHONPATH"] = os.pathsep.join([extra, env.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-m", "turbos_jax.aot", "--config=configs/tiny.py",
-                           *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "turbos_jax.aot", "--config=configs/tiny.py", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_aot_report_or_one_line_error():
-    out = _run("--topology=v5p:2x2x1", "--json", "--config.mesh.data=1",
-               "--config.mesh.expert=2", "--config.mesh.model=2")
-    have_libtpu = (importlib.util.find_spec("libtpu") is not None
-                   or bool(os.environ.get("TURBOS_TEST_LIBTPU_PATH")))
+    out = _run(
+        "--topology=v5p:2x2x1",
+        "--json",
+        "--config.mesh.data=1",
+        "--config.mesh.expert=2",
+        "--config.mesh.model=2",
+    )
+    have_libtpu = importlib.util.find_spec("libtpu") is not None or bool(
+        os.environ.get("TURBOS_TEST_LIBTPU_PATH")
+    )
     if not have_libtpu:
         assert out.returncode == 1
-        assert out.stderr.strip().splitlines()[-1].startswith(
-            "error: --topology='v5p:2x2x1': cannot describe the TPU slice")
+        assert (
+            out.stderr.strip()
+            .splitlines()[-1]
+            .startswith("error: --topology='v5p:2x2x1': cannot describe the TPU slice")
+        )
         assert "pip install 'jax[tpu]==0.10.2'" in out.stderr
         return
     assert out.returncode == 0, out.stderr[-3000:]
@@ -39,8 +54,11 @@ def test_aot_report_or_one_line_error():
     assert r["topology"] == "v5p:2x2x1" and r["devices"] == 4
     assert r["mesh"] == {"data": 1, "expert": 2, "model": 2, "context": 1}
     b = r["per_device_bytes"]
-    assert b["total"] == (b["arguments"] + b["outputs"] + b["temporaries"] + b["generated_code"]
-                          - b["aliased"]) > 0
+    assert (
+        b["total"]
+        == (b["arguments"] + b["outputs"] + b["temporaries"] + b["generated_code"] - b["aliased"])
+        > 0
+    )
     assert r["hbm_bytes"] == 95 * 1024**3 and r["fits"] is True
     assert r["flops_per_device"] > 0
 
@@ -49,7 +67,8 @@ def test_aot_bad_topology_is_one_line():
     out = _run("--topology=v5p")
     assert out.returncode == 1
     assert out.stderr.strip().splitlines()[-1] == (
-        "error: --topology='v5p': expected CHIP:SHAPE, e.g. v5p:2x2x1")
+        "error: --topology='v5p': expected CHIP:SHAPE, e.g. v5p:2x2x1"
+    )
 
 
 _FAILING_KERNEL = """
@@ -84,10 +103,17 @@ def test_aot_kernel_failure_is_one_line_error():
     if importlib.util.find_spec("libtpu") is None:
         pytest.skip("needs libtpu (pip install 'jax[tpu]')")
     env = dict(os.environ, XLA_FLAGS="", PYTHONPATH=ROOT)
-    out = subprocess.run([sys.executable, "-c", _FAILING_KERNEL], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", _FAILING_KERNEL],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == (
         "AotError: --topology=v5p:2x2x1: the step with config.model.kernel_impl=auto (Pallas "
         "kernels) does not compile: NotImplementedError: block shape (8, 100) is not tileable; "
-        "--config.model.kernel_impl=xla compiles it with the reference ops")
+        "--config.model.kernel_impl=xla compiles it with the reference ops"
+    )

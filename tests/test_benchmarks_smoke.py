@@ -20,8 +20,14 @@ HEADER = "| op | shape | impl | median ms |"
 
 def run_script(*flags, timeout=600):
     env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
-    proc = subprocess.run([sys.executable, SCRIPT, "--smoke", *flags], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, "--smoke", *flags],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
 
@@ -29,8 +35,9 @@ def run_script(*flags, timeout=600):
 def table_rows(stdout):
     lines = stdout.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith(HEADER))
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[start + 2:]
-            if line.startswith("|")]
+    rows = [
+        [c.strip() for c in line.strip("|").split("|")] for line in lines[start + 2 :] if line.startswith("|")
+    ]
     return {(r[0], r[2]): r for r in rows}
 
 
@@ -38,8 +45,7 @@ def test_smoke_subset_prints_table():
     out = run_script("--ops=state_update,moe_permute", timeout=300)
     assert "interpret mode" in out  # the CPU note about impl=pallas timings
     rows = table_rows(out)
-    assert set(rows) == {(op, impl) for op in ("state_update", "moe_permute")
-                         for impl in ("xla", "pallas")}
+    assert set(rows) == {(op, impl) for op in ("state_update", "moe_permute") for impl in ("xla", "pallas")}
     # No error and a positive median for the references and the decode kernel (the MoE kernels are
     # another engineer's: their row may carry an error while they are being wired).
     for key in [("state_update", "xla"), ("moe_permute", "xla"), ("state_update", "pallas")]:

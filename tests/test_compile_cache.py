@@ -40,8 +40,14 @@ def _probe(path, *, env_dir=None, salt=3.0):
     env["JAX_PLATFORMS"] = "cpu"
     if env_dir is not None:
         env["JAX_COMPILATION_CACHE_DIR"] = env_dir
-    out = subprocess.run([sys.executable, "-c", _PROBE, path, str(salt)], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE, path, str(salt)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout.strip().splitlines()[-1]
 
@@ -70,8 +76,9 @@ def test_uncreatable_path_is_a_one_line_config_error(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
     line = _probe(str(blocker / "cache"))
-    assert line.startswith(f"ConfigError: config.compilation_cache_dir='{blocker}/cache': "
-                           "cannot create the directory"), line
+    assert line.startswith(
+        f"ConfigError: config.compilation_cache_dir='{blocker}/cache': cannot create the directory"
+    ), line
 
 
 def test_non_string_value_names_the_key():
@@ -85,13 +92,25 @@ def test_trainer_fills_the_configured_cache(tmp_path):
     """The CLI wires config.compilation_cache_dir through (no JAX cache variable set)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                                if not f.startswith("--xla_force_host_platform_device_count"))
+    env["XLA_FLAGS"] = " ".join(
+        f
+        for f in env.get("XLA_FLAGS", "").split()
+        if not f.startswith("--xla_force_host_platform_device_count")
+    )
     cache = tmp_path / "xla"
-    cmd = [sys.executable, "-m", "turbos_jax.train", "--config=configs/tiny.py",
-           f"--workdir={tmp_path / 'work'}", "--config.total_steps=2", "--config.batch_size=2",
-           "--config.seq_len=32", "--config.eval_every_steps=0", "--config.log_every_steps=1",
-           f"--config.compilation_cache_dir={cache}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "turbos_jax.train",
+        "--config=configs/tiny.py",
+        f"--workdir={tmp_path / 'work'}",
+        "--config.total_steps=2",
+        "--config.batch_size=2",
+        "--config.seq_len=32",
+        "--config.eval_every_steps=0",
+        "--config.log_every_steps=1",
+        f"--config.compilation_cache_dir={cache}",
+    ]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert len(_entries(str(cache))) >= 2  # at least the init and the train step

@@ -33,8 +33,9 @@ ALPHABET = "abcdefghijklmnopqrstuvwxyz     ,.\néüß"
 
 def random_docs(n, seed, *, alphabet=ALPHABET, lo=3, hi=150):
     rng = random.Random(seed)
-    return [f"<{i:05d}>|" + "".join(rng.choice(alphabet) for _ in range(rng.randint(lo, hi)))
-            for i in range(n)]
+    return [
+        f"<{i:05d}>|" + "".join(rng.choice(alphabet) for _ in range(rng.randint(lo, hi))) for i in range(n)
+    ]
 
 
 def write_jsonl(path, docs, key="text"):
@@ -67,22 +68,25 @@ def assert_same(xs, ys):
 def parse_stream(batches, docs_by_id):
     """Rows -> (ids of the documents in stream order, per-token document index). Checks every row's
     segment_ids, positions and loss_mask against the parsed document boundaries."""
-    rows = [(b["inputs"][r], b["targets"][r], b["segment_ids"][r], b["positions"][r],
-             b["loss_mask"][r]) for b in batches for r in range(len(b["inputs"]))]
+    rows = [
+        (b["inputs"][r], b["targets"][r], b["segment_ids"][r], b["positions"][r], b["loss_mask"][r])
+        for b in batches
+        for r in range(len(b["inputs"]))
+    ]
     stream = np.concatenate([np.append(x, t[-1]) for x, t, *_ in rows]).astype(np.uint8).tobytes()
     ids, owner, i = [], np.full(len(stream), -1), 0
     while i < len(stream):
-        head = stream[i:i + 8]
+        head = stream[i : i + 8]
         if len(head) < 8:
             break
         doc_id = int(head[1:6])
         doc = docs_by_id[doc_id].encode()
-        assert stream[i:i + len(doc)] == doc[:len(stream) - i], f"document {doc_id} corrupted"
-        owner[i:i + len(doc)], i = len(ids), i + len(doc)
+        assert stream[i : i + len(doc)] == doc[: len(stream) - i], f"document {doc_id} corrupted"
+        owner[i : i + len(doc)], i = len(ids), i + len(doc)
         ids.append(doc_id)
     start = 0
     for x, _, seg, pos, mask in rows:  # every row holds len(x) + 1 tokens of the stream
-        o = owner[start:start + len(x) + 1]
+        o = owner[start : start + len(x) + 1]
         if (o < 0).any():
             break
         new = np.concatenate([[True], o[1:-1] != o[:-2]])
@@ -164,18 +168,27 @@ def one_line_error(fn, *fragments):
 
 def test_source_errors_are_one_line_and_name_the_culprit(tmp_path):
     pattern = str(tmp_path / "missing-*.jsonl")
-    one_line_error(lambda: load_source("web", pattern, "text"),
-                   f"config.data.sources.web: no files match {pattern!r}")
+    one_line_error(
+        lambda: load_source("web", pattern, "text"), f"config.data.sources.web: no files match {pattern!r}"
+    )
     for name, content in (("empty.txt", "\n \n\n"), ("empty.jsonl", "\n\n"), ("zero.jsonl", "")):
         (tmp_path / name).write_text(content)
-        one_line_error(lambda n=name: load_source("s", str(tmp_path / n), "text"),
-                       "config.data.sources.s", str(tmp_path / name), "no documents")
+        one_line_error(
+            lambda n=name: load_source("s", str(tmp_path / n), "text"),
+            "config.data.sources.s",
+            str(tmp_path / name),
+            "no documents",
+        )
     (tmp_path / "bad.txt").write_bytes(b"fine text\n\nbad \xff\xfe bytes")
-    one_line_error(lambda: load_source("s", str(tmp_path / "bad.txt"), "text"),
-                   str(tmp_path / "bad.txt"), "UTF-8")
+    one_line_error(
+        lambda: load_source("s", str(tmp_path / "bad.txt"), "text"), str(tmp_path / "bad.txt"), "UTF-8"
+    )
     (tmp_path / "x.csv").write_text("a,b\n")
-    one_line_error(lambda: load_source("s", str(tmp_path / "x.csv"), "text"),
-                   str(tmp_path / "x.csv"), "unknown file type")
+    one_line_error(
+        lambda: load_source("s", str(tmp_path / "x.csv"), "text"),
+        str(tmp_path / "x.csv"),
+        "unknown file type",
+    )
 
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "ok"}\n\n{"text": "ok"\n{"other": 1}\n')
@@ -195,15 +208,28 @@ def train_tokenizers(tmp_path):
     src = load_source("e", "embedded", "text")
     (tmp_path / "train.txt").write_text("\n".join(src[i] for i in range(20)))
     spm.SentencePieceTrainer.train(
-        input=str(tmp_path / "train.txt"), model_prefix=str(tmp_path / "sp"), vocab_size=400,
-        model_type="bpe", character_coverage=0.99, byte_fallback=True, minloglevel=2,
-        normalization_rule_name="identity", remove_extra_whitespaces=False)
+        input=str(tmp_path / "train.txt"),
+        model_prefix=str(tmp_path / "sp"),
+        vocab_size=400,
+        model_type="bpe",
+        character_coverage=0.99,
+        byte_fallback=True,
+        minloglevel=2,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+    )
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train([str(tmp_path / "train.txt")], trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["</s>"], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train(
+        [str(tmp_path / "train.txt")],
+        trainers.BpeTrainer(
+            vocab_size=400,
+            special_tokens=["</s>"],
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     tok.save(str(tmp_path / "tokenizer.json"))
     return str(tmp_path / "sp.model"), str(tmp_path / "tokenizer.json")
 
@@ -221,8 +247,12 @@ def test_tokenizers_round_trip(tmp_path):
             assert all(0 <= i < tok.vocab_size for i in ids) and tok.decode(ids) == text
         if spec != "bytes":
             assert len(tok.encode(texts[-1])) < len(texts[-1].encode())  # real subword merges
-    one_line_error(lambda: check_vocab(load_tokenizer(hf_path), 256),
-                   f"config.data.tokenizer={hf_path!r}", "config.model.vocab_size=256", "400")
+    one_line_error(
+        lambda: check_vocab(load_tokenizer(hf_path), 256),
+        f"config.data.tokenizer={hf_path!r}",
+        "config.model.vocab_size=256",
+        "400",
+    )
     one_line_error(lambda: load_tokenizer(str(tmp_path / "nope.model")), "config.data.tokenizer")
 
 
@@ -230,8 +260,11 @@ def test_pipeline_with_sentencepiece_appends_eos(tmp_path, corpus):
     sp_path, _ = train_tokenizers(tmp_path)
     config = make_config({"c": corpus[1]})
     config.data.tokenizer = sp_path
-    one_line_error(lambda: make_train_iterator(config, process_index=0, process_count=1),
-                   "config.data.tokenizer", "config.model.vocab_size=256")
+    one_line_error(
+        lambda: make_train_iterator(config, process_index=0, process_count=1),
+        "config.data.tokenizer",
+        "config.model.vocab_size=256",
+    )
     config.model.vocab_size = 512
     batch = next(make_train_iterator(config, process_index=0, process_count=1))
     assert batch["inputs"].max() < 400
@@ -249,19 +282,28 @@ def pack(docs, row_len):
 def test_packing_hand_made_example():
     docs = [[1, 2, 3, 4, 5], [6, 7, 8], [], [9, 10, 11, 12, 13, 14, 15], [16, 17]]
     batch = rows_to_batch(list(pack(docs, 5)))
-    np.testing.assert_array_equal(batch["inputs"], [[1, 2, 3, 4], [6, 7, 8, 9], [11, 12, 13, 14],
-                                                    [16, 17, 0, 0]])
-    np.testing.assert_array_equal(batch["targets"], [[2, 3, 4, 5], [7, 8, 9, 10],
-                                                     [12, 13, 14, 15], [17, 0, 0, 0]])
-    np.testing.assert_array_equal(batch["segment_ids"], [[1, 1, 1, 1], [1, 1, 1, 2], [1, 1, 1, 1],
-                                                         [1, 1, 0, 0]])
-    np.testing.assert_array_equal(batch["positions"], [[0, 1, 2, 3], [0, 1, 2, 0], [0, 1, 2, 3],
-                                                       [0, 1, 0, 1]])
-    np.testing.assert_array_equal(batch["loss_mask"], [[1, 1, 1, 1], [1, 1, 0, 1], [1, 1, 1, 1],
-                                                       [1, 0, 0, 0]])
+    np.testing.assert_array_equal(
+        batch["inputs"], [[1, 2, 3, 4], [6, 7, 8, 9], [11, 12, 13, 14], [16, 17, 0, 0]]
+    )
+    np.testing.assert_array_equal(
+        batch["targets"], [[2, 3, 4, 5], [7, 8, 9, 10], [12, 13, 14, 15], [17, 0, 0, 0]]
+    )
+    np.testing.assert_array_equal(
+        batch["segment_ids"], [[1, 1, 1, 1], [1, 1, 1, 2], [1, 1, 1, 1], [1, 1, 0, 0]]
+    )
+    np.testing.assert_array_equal(
+        batch["positions"], [[0, 1, 2, 3], [0, 1, 2, 0], [0, 1, 2, 3], [0, 1, 0, 1]]
+    )
+    np.testing.assert_array_equal(
+        batch["loss_mask"], [[1, 1, 1, 1], [1, 1, 0, 1], [1, 1, 1, 1], [1, 0, 0, 0]]
+    )
     assert {k: v.dtype for k, v in batch.items()} == {
-        "inputs": np.int32, "targets": np.int32, "segment_ids": np.int32, "positions": np.int32,
-        "loss_mask": np.float32}
+        "inputs": np.int32,
+        "targets": np.int32,
+        "segment_ids": np.int32,
+        "positions": np.int32,
+        "loss_mask": np.float32,
+    }
 
 
 def test_packing_keeps_every_token_and_resumes_anywhere():
@@ -299,9 +341,9 @@ def test_one_epoch_holds_every_training_document_once(corpus):
     it = make_train_iterator(config, process_index=0, process_count=1)
     n = -(-n_rows_for([docs[i] for i in train], 24) // 4) + 2
     ids = parse_stream(take(it, n), dict(enumerate(docs)))
-    assert sorted(ids[:len(train)]) == list(train)  # first epoch: each training doc exactly once
-    assert ids[:len(train)] != sorted(ids[:len(train)])  # shuffled
-    assert ids[len(train):] and ids[len(train):] != ids[:len(ids) - len(train)]  # reshuffled
+    assert sorted(ids[: len(train)]) == list(train)  # first epoch: each training doc exactly once
+    assert ids[: len(train)] != sorted(ids[: len(train)])  # shuffled
+    assert ids[len(train) :] and ids[len(train) :] != ids[: len(ids) - len(train)]  # reshuffled
 
 
 def test_eval_split_is_held_out_and_fixed(corpus):
@@ -313,13 +355,15 @@ def test_eval_split_is_held_out_and_fixed(corpus):
     assert_same(batches, list(make_eval_iterator(config, process_index=0, process_count=1)))
     ids = parse_stream(batches, dict(enumerate(docs)))
     assert set(ids) <= set(held) and len(set(ids)) > 1
-    seen = parse_stream(take(make_train_iterator(config, process_index=0, process_count=1), 80),
-                        dict(enumerate(docs)))
+    seen = parse_stream(
+        take(make_train_iterator(config, process_index=0, process_count=1), 80), dict(enumerate(docs))
+    )
     assert set(seen) == set(train)
     assert split_documents(len(docs), 0.1)[1].tolist() == held.tolist()  # not seed-dependent
     config.data.eval_fraction = 0.0
-    one_line_error(lambda: make_eval_iterator(config, process_index=0, process_count=1),
-                   "config.data.eval_fraction")
+    one_line_error(
+        lambda: make_eval_iterator(config, process_index=0, process_count=1), "config.data.eval_fraction"
+    )
 
 
 def test_processes_read_disjoint_shards(corpus):
@@ -333,10 +377,11 @@ def test_processes_read_disjoint_shards(corpus):
         batches = take(it, n_rows_for(shard, 24) // 2 + 2)
         assert batches[0]["inputs"].shape == (2, 24)
         ids = parse_stream(batches, dict(enumerate(docs)))
-        firsts.append(set(ids[:len(shard)]))
+        firsts.append(set(ids[: len(shard)]))
     assert not firsts[0] & firsts[1] and firsts[0] | firsts[1] == set(train)
-    one_line_error(lambda: make_train_iterator(config, process_index=0, process_count=3),
-                   "config.batch_size=4")
+    one_line_error(
+        lambda: make_train_iterator(config, process_index=0, process_count=3), "config.batch_size=4"
+    )
 
 
 def test_determinism_from_seed(corpus):
@@ -368,45 +413,56 @@ def test_mixture_weights_and_phase_switch(tmp_path):
     sources = two_sources(tmp_path)
     mixture = ((0, {"a": 3.0, "b": 1.0}), (6, {"b": 1.0}), (9, {"a": 1.0, "b": 1.0}))
     config = make_config(sources, mixture, batch_size=8, seq_len=16)
-    rows = [row_sources(b) for b in take(make_train_iterator(config, process_index=0,
-                                                             process_count=1), 30)]
+    rows = [row_sources(b) for b in take(make_train_iterator(config, process_index=0, process_count=1), 30)]
     first = sum(rows[:6], [])
     assert abs(first.count("a") / len(first) - 0.75) < 0.05
     assert all(s == "b" for r in rows[6:9] for s in r)
     last = sum(rows[9:], [])
     assert abs(last.count("a") / len(last) - 0.5) < 0.05
     # a source's stream continues across phases: the 'a' rows equal an 'a'-only run's rows
-    mixed = [row for b in take(make_train_iterator(config, process_index=0, process_count=1), 30)
-             for row, s in zip(b["inputs"], row_sources(b), strict=True) if s == "a"]
+    mixed = [
+        row
+        for b in take(make_train_iterator(config, process_index=0, process_count=1), 30)
+        for row, s in zip(b["inputs"], row_sources(b), strict=True)
+        if s == "a"
+    ]
     alone = make_config(sources, ((0, {"a": 1.0}),), batch_size=8, seq_len=16)
-    only = np.concatenate([b["inputs"] for b in take(
-        make_train_iterator(alone, process_index=0, process_count=1), 30)])
-    np.testing.assert_array_equal(np.stack(mixed), only[:len(mixed)])
+    only = np.concatenate(
+        [b["inputs"] for b in take(make_train_iterator(alone, process_index=0, process_count=1), 30)]
+    )
+    np.testing.assert_array_equal(np.stack(mixed), only[: len(mixed)])
 
 
-@pytest.mark.parametrize("mixture, fragment", [
-    ((), "non-empty"),
-    ((5, {"a": 1.0}), "phase 0 must be"),
-    (((3, {"a": 1.0}),), "must start at step 0"),
-    (((0, {"a": 1.0}), (0, {"b": 1.0})), "first steps must increase"),
-    (((0, {"a": 1.0}), (9, {"b": 1.0}), (4, {"a": 1.0})), "phase 2 starts at step 4"),
-    (((0, {"web": 1.0}),), "'web', which is not in config.data.sources (a, b)"),
-    (((0, {"a": 0.0}),), "weight of 'a' must be a positive number"),
-    (((0, {"a": 1.0, "b": -2}),), "weight of 'b'"),
-    (((0, {}),), "names no sources"),
-])
+@pytest.mark.parametrize(
+    "mixture, fragment",
+    [
+        ((), "non-empty"),
+        ((5, {"a": 1.0}), "phase 0 must be"),
+        (((3, {"a": 1.0}),), "must start at step 0"),
+        (((0, {"a": 1.0}), (0, {"b": 1.0})), "first steps must increase"),
+        (((0, {"a": 1.0}), (9, {"b": 1.0}), (4, {"a": 1.0})), "phase 2 starts at step 4"),
+        (((0, {"web": 1.0}),), "'web', which is not in config.data.sources (a, b)"),
+        (((0, {"a": 0.0}),), "weight of 'a' must be a positive number"),
+        (((0, {"a": 1.0, "b": -2}),), "weight of 'b'"),
+        (((0, {}),), "names no sources"),
+    ],
+)
 def test_bad_mixture_is_one_line_error(tmp_path, mixture, fragment):
     config = make_config(two_sources(tmp_path))
     config.data.mixture = mixture
-    one_line_error(lambda: make_train_iterator(config, process_index=0, process_count=1),
-                   "config.data.mixture:", fragment)
+    one_line_error(
+        lambda: make_train_iterator(config, process_index=0, process_count=1),
+        "config.data.mixture:",
+        fragment,
+    )
 
 
 def test_resume_equals_uninterrupted_stream_across_phase_switch(tmp_path):
     sources = two_sources(tmp_path)
     # interleave periods (3 and 5 rows) do not divide the batch (4): the mix position matters
-    config = make_config(sources, ((0, {"a": 2.0, "b": 1.0}), (5, {"b": 4.0, "a": 1.0})),
-                         batch_size=4, seq_len=40)
+    config = make_config(
+        sources, ((0, {"a": 2.0, "b": 1.0}), (5, {"b": 4.0, "a": 1.0})), batch_size=4, seq_len=40
+    )
     it = make_train_iterator(config, process_index=0, process_count=1)
     full = take(it, 12)
     for k in (0, 2, 4, 5, 7):

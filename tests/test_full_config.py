@@ -79,7 +79,12 @@ def test_partition_specs(abstract):
 def test_summary_cli_json():
     out = subprocess.run(
         [sys.executable, "-m", "turbos_jax.summary", "--config=configs/turbos.py", "--json"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     s = json.loads(out.stdout)
     assert s["layers"] == {"A": 7, "M": 57, "F": 64}
     assert abs(s["params_total"] / 560e9 - 1) < 0.02
@@ -94,10 +99,16 @@ def test_summary_cli_json():
 
 def test_summary_cli_bad_config_is_one_line(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text("from configs import tiny\n\ndef get_config():\n    c = tiny.get_config()\n"
-                   "    c.model.top_k = 99\n    return c\n")
-    out = subprocess.run([sys.executable, "-m", "turbos_jax.summary", f"--config={bad}"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    bad.write_text(
+        "from configs import tiny\n\ndef get_config():\n    c = tiny.get_config()\n"
+        "    c.model.top_k = 99\n    return c\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "turbos_jax.summary", f"--config={bad}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode != 0
-    assert out.stderr.strip().splitlines()[-1] == (
-        "error: config.model.top_k=99: must be <= num_experts=8")
+    assert out.stderr.strip().splitlines()[-1] == ("error: config.model.top_k=99: must be <= num_experts=8")

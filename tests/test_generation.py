@@ -28,8 +28,14 @@ LENGTHS = np.array([12, 5, 9], np.int32)  # different prompt lengths in one batc
 
 def _cfg():
     cfg = ModelConfig.from_config(tiny.get_config().model)
-    return dataclasses.replace(cfg, capacity_factor=0.0, mamba_chunk=8, dtype=jnp.float32,
-                               kv_cache_dtype=jnp.float32, ssm_state_dtype=jnp.float32)
+    return dataclasses.replace(
+        cfg,
+        capacity_factor=0.0,
+        mamba_chunk=8,
+        dtype=jnp.float32,
+        kv_cache_dtype=jnp.float32,
+        ssm_state_dtype=jnp.float32,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +68,7 @@ def _teacher_forced(graphdef, params, full, lengths):
 def _errors(ref, prefill, decode):
     """Max |diff| vs the full forward over each row's real prompt positions and decode steps."""
     pre = max(np.abs(prefill[b, :n] - ref[b, :n]).max() for b, n in enumerate(LENGTHS))
-    dec = np.stack([np.abs(decode[b] - ref[b, n:n + N]).max(-1) for b, n in enumerate(LENGTHS)])
+    dec = np.stack([np.abs(decode[b] - ref[b, n : n + N]).max(-1) for b, n in enumerate(LENGTHS)])
     return pre, dec.max(0)  # dec: per decode step, max over batch and vocab
 
 
@@ -76,9 +82,11 @@ def test_prefill_decode_match_forward_and_bf16_state_drift(setup):
     gdef16 = generation_graphdef(graphdef, params, ssm_state_dtype=jnp.bfloat16)
     _, dec16 = _errors(ref, *_teacher_forced(gdef16, params, full, LENGTHS))
     scale = np.abs(ref).std()
-    print("bf16 state: max|dlogit| at decode steps 1-10 / 91-100 / 191-200: "
-          f"{dec16[:10].max():.2e} / {dec16[90:100].max():.2e} / {dec16[190:].max():.2e} "
-          f"(logit std {scale:.2f})")
+    print(
+        "bf16 state: max|dlogit| at decode steps 1-10 / 91-100 / 191-200: "
+        f"{dec16[:10].max():.2e} / {dec16[90:100].max():.2e} / {dec16[190:].max():.2e} "
+        f"(logit std {scale:.2f})"
+    )
     assert np.isfinite(dec16).all() and dec16.max() > dec.max()
 
 
@@ -99,8 +107,10 @@ def test_int8_logit_error_bounded(setup):
     gdef = generation_graphdef(graphdef, params)
     pre, dec = _errors(ref, *_teacher_forced(gdef, q, full, LENGTHS))
     scale = np.abs(ref).std()
-    print(f"\nint8: prefill max|dlogit| {pre:.2e}, decode max {dec.max():.2e}, "
-          f"logit std {scale:.2f}, bytes {nbytes(q)} vs {nbytes(params)}")
+    print(
+        f"\nint8: prefill max|dlogit| {pre:.2e}, decode max {dec.max():.2e}, "
+        f"logit std {scale:.2f}, bytes {nbytes(q)} vs {nbytes(params)}"
+    )
     # Measured (tiny init, fp32): prefill 7.5e-3, decode 2.1e-2 max |dlogit|, logit std ~0.2.
     assert pre < 0.05 and dec.max() < 0.05
 
@@ -109,8 +119,7 @@ def test_cache_layout(setup):
     graphdef, params, full, _ = setup
     cfg = _cfg()
     model = nnx.merge(graphdef, params)
-    _, cache = jax.eval_shape(lambda t, n: model.prefill(t, n, 40), full[:, :L],
-                              jnp.asarray(LENGTHS))
+    _, cache = jax.eval_shape(lambda t, n: model.prefill(t, n, 40), full[:, :L], jnp.asarray(LENGTHS))
     want = cache_lib.cache_shapes(cfg, len(LENGTHS), 40)
     assert jax.tree.structure(cache) == jax.tree.structure(want)
     for a, b in zip(jax.tree.leaves(cache), jax.tree.leaves(want), strict=True):
@@ -130,11 +139,11 @@ def test_generate_greedy_matches_forward_and_is_deterministic(setup):
     # checked against the full forward there) reproduces every greedy pick.
     seqs = np.zeros((len(LENGTHS), L + N), np.int32)
     for b, m in enumerate(LENGTHS):
-        seqs[b, :m], seqs[b, m:m + N] = np.asarray(prompts[b, :m]), np.asarray(out[b])
+        seqs[b, :m], seqs[b, m : m + N] = np.asarray(prompts[b, :m]), np.asarray(out[b])
     gdef = generation_graphdef(graphdef, params)
     pre, dec = _teacher_forced(gdef, params, jnp.asarray(seqs), LENGTHS)
     for b, m in enumerate(LENGTHS):
-        picks = np.concatenate([np.argmax(pre[b, m - 1:m], -1), np.argmax(dec[b, :N - 1], -1)])
+        picks = np.concatenate([np.argmax(pre[b, m - 1 : m], -1), np.argmax(dec[b, : N - 1], -1)])
         np.testing.assert_array_equal(picks, out[b])
     # EOS (a traced argument: no recompile) stops each sequence at its first occurrence.
     eos = int(out[0, 7])
@@ -151,8 +160,9 @@ def test_sampling_seeded(setup):
     graphdef, params, full, _ = setup
     prompts = jnp.where(jnp.arange(L)[None] < LENGTHS[:, None], full[:, :L], 0)
     sp = S.SamplingParams(temperature=1.0, top_k=40, top_p=0.95, min_p=0.01)
-    run = lambda seed: generate(graphdef, params, prompts, LENGTHS, max_new_tokens=16,
-                                sampling=sp, rng=jax.random.key(seed))[0]
+    run = lambda seed: generate(
+        graphdef, params, prompts, LENGTHS, max_new_tokens=16, sampling=sp, rng=jax.random.key(seed)
+    )[0]
     a, b, c = run(0), run(0), run(1)
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
@@ -166,19 +176,14 @@ def _support(x):
 
 
 def test_filters_on_hand_made_logits():
-    np.testing.assert_array_equal(_support(S.top_k_filter(LOGITS, 2)),
-                                  [[1, 1, 0, 0, 0], [0, 0, 1, 0, 1]])
+    np.testing.assert_array_equal(_support(S.top_k_filter(LOGITS, 2)), [[1, 1, 0, 0, 0], [0, 0, 1, 0, 1]])
     np.testing.assert_array_equal(_support(S.top_k_filter(LOGITS, 0)), True)
     # top-p 0.65: row 0 keeps 0.5, 0.2 (mass before 0.15 is 0.7 >= 0.65); row 1 keeps 0.6, 0.2.
-    np.testing.assert_array_equal(_support(S.top_p_filter(LOGITS, 0.65)),
-                                  [[1, 1, 0, 0, 0], [0, 0, 1, 0, 1]])
-    np.testing.assert_array_equal(_support(S.top_p_filter(LOGITS, 0.71)),
-                                  [[1, 1, 1, 0, 0], [0, 0, 1, 0, 1]])
-    np.testing.assert_array_equal(_support(S.top_p_filter(LOGITS, 0.01)),
-                                  [[1, 0, 0, 0, 0], [0, 0, 1, 0, 0]])
+    np.testing.assert_array_equal(_support(S.top_p_filter(LOGITS, 0.65)), [[1, 1, 0, 0, 0], [0, 0, 1, 0, 1]])
+    np.testing.assert_array_equal(_support(S.top_p_filter(LOGITS, 0.71)), [[1, 1, 1, 0, 0], [0, 0, 1, 0, 1]])
+    np.testing.assert_array_equal(_support(S.top_p_filter(LOGITS, 0.01)), [[1, 0, 0, 0, 0], [0, 0, 1, 0, 0]])
     # min-p 0.3: threshold 0.15 in row 0 (keeps 0.5, 0.2, 0.15), 0.18 in row 1 (keeps 0.6, 0.2).
-    np.testing.assert_array_equal(_support(S.min_p_filter(LOGITS, 0.3)),
-                                  [[1, 1, 1, 0, 0], [0, 0, 1, 0, 1]])
+    np.testing.assert_array_equal(_support(S.min_p_filter(LOGITS, 0.3)), [[1, 1, 1, 0, 0], [0, 0, 1, 0, 1]])
     # Filters compose (top-k 3, then top-p 0.75, then min-p 0.32 on the renormalised survivors)
     # and sampling never leaves the support; greedy is the argmax.
     sp = S.SamplingParams(temperature=1.0, top_k=3, top_p=0.75, min_p=0.32)
@@ -196,14 +201,21 @@ def _env():
     env = dict(os.environ)
     flags = env.get("XLA_FLAGS", "").split()
     env["XLA_FLAGS"] = " ".join(
-        f for f in flags if not f.startswith("--xla_force_host_platform_device_count"))
+        f for f in flags if not f.startswith("--xla_force_host_platform_device_count")
+    )
     env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir
     return env
 
 
 def _generate_cli(workdir, *extra):
-    cmd = [sys.executable, "-m", "turbos_jax.generate", "--config=configs/tiny.py",
-           f"--workdir={workdir}", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "turbos_jax.generate",
+        "--config=configs/tiny.py",
+        f"--workdir={workdir}",
+        *extra,
+    ]
     return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
 
 
@@ -215,8 +227,9 @@ def test_cli_generates_from_trained_checkpoint(tmp_path):
     config.total_steps, config.batch_size, config.seq_len = 2, 8, 32
     config.eval_every_steps, config.log_every_steps = 0, 1
     train_and_evaluate(config, str(tmp_path))
-    out = _generate_cli(tmp_path, "--prompt=Hello", "--max_new_tokens=12", "--temperature=0.8",
-                        "--top_k=20", "--seed=1")
+    out = _generate_cli(
+        tmp_path, "--prompt=Hello", "--max_new_tokens=12", "--temperature=0.8", "--top_k=20", "--seed=1"
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("[checkpoint step 2] Hello") and len(out.stdout.strip()) > 25
 

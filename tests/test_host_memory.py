@@ -33,8 +33,7 @@ t.join()
 print(json.dumps(out))
 """
 
-glibc_only = pytest.mark.skipif(host_memory._glibc() is None,
-                                reason="the setting is glibc-specific")
+glibc_only = pytest.mark.skipif(host_memory._glibc() is None, reason="the setting is glibc-specific")
 
 
 def _run(code: str, value: str | None):
@@ -42,8 +41,9 @@ def _run(code: str, value: str | None):
     if value is not None:
         env[host_memory.ENV_VAR] = value
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
 
 
 @glibc_only
@@ -63,15 +63,21 @@ def test_system_leaves_glibc_defaults():
 
 def test_bad_value_warns_on_import_and_stops_the_cli_in_one_line(tmp_path):
     message = "TURBOS_JAX_HOST_MALLOC='tcmalloc': expected one of ('keep', 'system')"
-    proc = _run("import turbos_jax; from turbos_jax import host_memory; "
-                "print(host_memory.in_effect())", "tcmalloc")
+    proc = _run(
+        "import turbos_jax; from turbos_jax import host_memory; print(host_memory.in_effect())", "tcmalloc"
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "False"  # glibc's defaults
     assert f"UserWarning: {message}; glibc's defaults kept" in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "turbos_jax.train", "--config=configs/tiny.py",
-                           f"--workdir={tmp_path / 'w'}"], cwd=REPO, capture_output=True,
-                          text=True, timeout=120, check=False,
-                          env={**os.environ, host_memory.ENV_VAR: "tcmalloc"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "turbos_jax.train", "--config=configs/tiny.py", f"--workdir={tmp_path / 'w'}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, host_memory.ENV_VAR: "tcmalloc"},
+    )
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == f"error: {message}"
     assert not (tmp_path / "w").exists()  # stopped before anything was written

@@ -41,8 +41,7 @@ def fake_gcloud(tmp_path, monkeypatch):
 
 def _launch(*args, check=True):
     _launch.last = args
-    out = subprocess.run(["bash", SCRIPT, *args], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(["bash", SCRIPT, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
     if check:
         assert out.returncode == 0, out.stderr
     return out
@@ -52,16 +51,26 @@ _launch.last = ()
 
 
 def test_dry_run_prints_the_whole_flow():
-    out = _launch(*BASE, "--dry-run", "--accelerator-type=v5p-16", "--spot",
-                  "--config=configs/small.py", "--workdir=/mnt/runs/r1", "all",
-                  "--", "--config.total_steps=2000", "--config.seed=7")
+    out = _launch(
+        *BASE,
+        "--dry-run",
+        "--accelerator-type=v5p-16",
+        "--spot",
+        "--config=configs/small.py",
+        "--workdir=/mnt/runs/r1",
+        "all",
+        "--",
+        "--config.total_steps=2000",
+        "--config.seed=7",
+    )
     lines = out.stdout.strip().splitlines()
-    assert lines[0] == (f"{TPU} create tjax --accelerator-type=v5p-16 --version=v2-alpha-tpuv5 "
-                        f"--spot {WHERE}")
-    assert lines[1].startswith(f"git -C {ROOT} ls-files") and "tar -czf /tmp/turbos-jax-tjax.tar.gz" \
-        in lines[1]
-    assert lines[2] == (f"{TPU} scp /tmp/turbos-jax-tjax.tar.gz tjax:turbos-jax.tar.gz --worker=all "
-                        f"{WHERE}")
+    assert lines[0] == (
+        f"{TPU} create tjax --accelerator-type=v5p-16 --version=v2-alpha-tpuv5 --spot {WHERE}"
+    )
+    assert (
+        lines[1].startswith(f"git -C {ROOT} ls-files") and "tar -czf /tmp/turbos-jax-tjax.tar.gz" in lines[1]
+    )
+    assert lines[2] == (f"{TPU} scp /tmp/turbos-jax-tjax.tar.gz tjax:turbos-jax.tar.gz --worker=all {WHERE}")
     install = shlex.split(lines[3])
     assert install[:7] == [*TPU.split(), "ssh", "tjax", "--worker=all"]
     assert install[7] == "--command" and install[-2:] == WHERE.split()
@@ -71,31 +80,50 @@ def test_dry_run_prints_the_whole_flow():
 
     train = shlex.split(lines[4])
     assert train[:8] == [*TPU.split(), "ssh", "tjax", "--worker=all", "--command"]
-    assert train[8] == ("set -o pipefail; mkdir -p ~/turbos-logs && cd ~/turbos-jax && "
-                        "~/turbos-venv/bin/python -m turbos_jax.train --config=configs/small.py "
-                        "--workdir=/mnt/runs/r1 --config.total_steps=2000 --config.seed=7 2>&1 | "
-                        "tee ~/turbos-logs/train-$(hostname).log")
-    assert lines[5:] == ["mkdir -p logs/tjax",
-                         f"{TPU} scp 'tjax:turbos-logs/*' logs/tjax/ --worker=all {WHERE}",
-                         f"{TPU} delete tjax --quiet {WHERE}"]
+    assert train[8] == (
+        "set -o pipefail; mkdir -p ~/turbos-logs && cd ~/turbos-jax && "
+        "~/turbos-venv/bin/python -m turbos_jax.train --config=configs/small.py "
+        "--workdir=/mnt/runs/r1 --config.total_steps=2000 --config.seed=7 2>&1 | "
+        "tee ~/turbos-logs/train-$(hostname).log"
+    )
+    assert lines[5:] == [
+        "mkdir -p logs/tjax",
+        f"{TPU} scp 'tjax:turbos-logs/*' logs/tjax/ --worker=all {WHERE}",
+        f"{TPU} delete tjax --quiet {WHERE}",
+    ]
     assert not os.path.exists(os.path.join(ROOT, "logs", "tjax"))  # printed, not run
 
 
 def test_dry_run_git_install_detached_train_and_stop():
-    out = _launch(*BASE, "--dry-run", "--git-url=https://example.com/o/turbos-jax.git@v1.2",
-                  "--python-version=3.12", "--config=configs/turbos.py", "--workdir=/mnt/x",
-                  "--detach", "install", "train", "stop", "--", "--config.batch_size=64")
+    out = _launch(
+        *BASE,
+        "--dry-run",
+        "--git-url=https://example.com/o/turbos-jax.git@v1.2",
+        "--python-version=3.12",
+        "--config=configs/turbos.py",
+        "--workdir=/mnt/x",
+        "--detach",
+        "install",
+        "train",
+        "stop",
+        "--",
+        "--config.batch_size=64",
+    )
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 3
     install = shlex.split(lines[0])[8]
-    assert install.startswith("set -e; rm -rf ~/turbos-jax && git clone --quiet "
-                              "https://example.com/o/turbos-jax.git ~/turbos-jax && "
-                              "git -C ~/turbos-jax checkout --quiet v1.2;")
+    assert install.startswith(
+        "set -e; rm -rf ~/turbos-jax && git clone --quiet "
+        "https://example.com/o/turbos-jax.git ~/turbos-jax && "
+        "git -C ~/turbos-jax checkout --quiet v1.2;"
+    )
     assert "--python 3.12" in install
     train = shlex.split(lines[1])[8]
-    assert "nohup ~/turbos-venv/bin/python -m turbos_jax.train --config=configs/turbos.py " \
-           "--workdir=/mnt/x --config.batch_size=64 > ~/turbos-logs/train-$(hostname).log " \
-           "2>&1 < /dev/null &" in train
+    assert (
+        "nohup ~/turbos-venv/bin/python -m turbos_jax.train --config=configs/turbos.py "
+        "--workdir=/mnt/x --config.batch_size=64 > ~/turbos-logs/train-$(hostname).log "
+        "2>&1 < /dev/null &" in train
+    )
     assert lines[2] == f"{TPU} stop tjax {WHERE}"
 
 
@@ -108,20 +136,27 @@ def test_trainer_arguments_survive_the_remote_shell():
     assert shlex.split(trainer)[-1] == odd
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--zone=z", "delete"], "error: --name is required"),
-    (["--name=n", "delete"], "error: --zone is required"),
-    (["--name=n", "--zone=z", "create"], "error: create needs --accelerator-type"),
-    (["--name=n", "--zone=z", "--config=c", "train"], "error: train needs --workdir"),
-    (["--name=n", "--zone=z", "--workdir=w", "all", "--accelerator-type=v5p-8"],
-     "error: train needs --config"),
-    (["--name=n", "--zone=z"], "error: no command given"),
-    (["--name=n", "--zone=z", "launch"], "error: unknown command 'launch'"),
-    (["--name=n", "--zone=z", "--colour=red", "delete"], "error: unknown flag --colour"),
-    (["--name=n", "--zone"], "error: --zone needs a value"),
-    (["--name=n", "--zone=z", "--accelerator-type=tpu7-8", "create"],
-     "error: --version is required for accelerator type tpu7-8"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--zone=z", "delete"], "error: --name is required"),
+        (["--name=n", "delete"], "error: --zone is required"),
+        (["--name=n", "--zone=z", "create"], "error: create needs --accelerator-type"),
+        (["--name=n", "--zone=z", "--config=c", "train"], "error: train needs --workdir"),
+        (
+            ["--name=n", "--zone=z", "--workdir=w", "all", "--accelerator-type=v5p-8"],
+            "error: train needs --config",
+        ),
+        (["--name=n", "--zone=z"], "error: no command given"),
+        (["--name=n", "--zone=z", "launch"], "error: unknown command 'launch'"),
+        (["--name=n", "--zone=z", "--colour=red", "delete"], "error: unknown flag --colour"),
+        (["--name=n", "--zone"], "error: --zone needs a value"),
+        (
+            ["--name=n", "--zone=z", "--accelerator-type=tpu7-8", "create"],
+            "error: --version is required for accelerator type tpu7-8",
+        ),
+    ],
+)
 def test_missing_or_bad_flags_give_one_line_errors(args, message):
     out = _launch("--dry-run", *args, check=False)
     assert out.returncode == 2
@@ -146,8 +181,15 @@ def test_failed_training_still_fetches_logs_and_deletes_the_slice(tmp_path, fake
     """A real (non-dry) run against the recording gcloud: training fails on the workers, yet the logs
     are fetched and the slice deleted, and the script exits with the trainer's status."""
     logs = tmp_path / "logs"
-    out = _launch(*BASE, "--accelerator-type=v4-16", f"--logs-dir={logs}", "--config=c.py",
-                  "--workdir=/w", "all", check=False)
+    out = _launch(
+        *BASE,
+        "--accelerator-type=v4-16",
+        f"--logs-dir={logs}",
+        "--config=c.py",
+        "--workdir=/w",
+        "all",
+        check=False,
+    )
     assert out.returncode == 3, out.stderr
     calls = fake_gcloud.read_text().splitlines()
     assert [c.split()[3] for c in calls] == ["create", "scp", "ssh", "ssh", "scp", "delete"]

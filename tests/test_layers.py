@@ -59,16 +59,18 @@ def test_rope_ntk_alpha_scales_base():
     f1, f50 = rope_frequencies(dh, 10_000.0, 1.0), rope_frequencies(dh, 10_000.0, 50.0)
     np.testing.assert_allclose(f1[0], 1.0)
     # NTK: base' = theta * alpha^(d/(d-2)) => the lowest frequency shrinks by exactly alpha.
-    np.testing.assert_allclose(f1[-1] / f50[-1] * (f1[1] / f50[1]) ** 0, 50.0 ** ((dh - 2) / (dh - 2)),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        f1[-1] / f50[-1] * (f1[1] / f50[1]) ** 0, 50.0 ** ((dh - 2) / (dh - 2)), rtol=1e-5
+    )
 
 
 def test_rope_is_relative():
     """q.k after RoPE depends only on the position difference."""
     inv = rope_frequencies(16, 10_000.0, 1.0)
     q, k = jax.random.normal(jax.random.key(1), (2, 1, 1, 1, 16))
-    dot = lambda pq, pk: float(jnp.sum(apply_rope(q, jnp.array([[pq]]), inv)
-                                       * apply_rope(k, jnp.array([[pk]]), inv)))
+    dot = lambda pq, pk: float(
+        jnp.sum(apply_rope(q, jnp.array([[pq]]), inv) * apply_rope(k, jnp.array([[pk]]), inv))
+    )
     np.testing.assert_allclose(dot(7, 3), dot(104, 100), rtol=1e-4)
     assert abs(dot(7, 3) - dot(7, 5)) > 1e-4
 

@@ -1,14 +1,14 @@
 """Mamba2 decode state-update kernels (`pallas_kernels/mamba2/kernel_decode.py`).
 
-  * Interpret mode (CPU) vs `reference.state_update` in fp32, both kernels, small and TurboS head
-    shapes, fp32 and bf16 x/B/C, single steps and a recurrence of several steps.
-  * Poisoning: interpret mode fills non-aliased outputs (y) with NaN before the kernel runs (checked
-    below), so an element the kernel forgets to write fails the comparison. The aliased state starts
-    as the old state, which differs from the new one everywhere (inputs are never zero).
-  * In-place update: the kernel's own `input_output_aliases` in the TPU-compiled HLO and in the
-    CUDA-exported MLIR, and no copy of the state when the caller donates it.
-  * Lowering: Mosaic for a TPU v5p chip (libtpu AOT, `tpu_aot`) and Triton for CUDA (jax.export).
-  * Real accelerators: classes that run the compiled kernels, skipped without the hardware.
+* Interpret mode (CPU) vs `reference.state_update` in fp32, both kernels, small and TurboS head
+  shapes, fp32 and bf16 x/B/C, single steps and a recurrence of several steps.
+* Poisoning: interpret mode fills non-aliased outputs (y) with NaN before the kernel runs (checked
+  below), so an element the kernel forgets to write fails the comparison. The aliased state starts
+  as the old state, which differs from the new one everywhere (inputs are never zero).
+* In-place update: the kernel's own `input_output_aliases` in the TPU-compiled HLO and in the
+  CUDA-exported MLIR, and no copy of the state when the caller donates it.
+* Lowering: Mosaic for a TPU v5p chip (libtpu AOT, `tpu_aot`) and Triton for CUDA (jax.export).
+* Real accelerators: classes that run the compiled kernels, skipped without the hardware.
 """
 
 from __future__ import annotations
@@ -120,8 +120,7 @@ def test_interpret_mode_poisons_outputs():
     def half_kernel(o_ref):
         o_ref[:4] = jnp.zeros((4, 128), F32)
 
-    out = pl.pallas_call(half_kernel, out_shape=jax.ShapeDtypeStruct((8, 128), F32),
-                         interpret=True)()
+    out = pl.pallas_call(half_kernel, out_shape=jax.ShapeDtypeStruct((8, 128), F32), interpret=True)()
     assert np.isnan(np.asarray(out)[4:]).all() and (np.asarray(out)[:4] == 0).all()
 
 
@@ -181,13 +180,21 @@ def test_default_blocks():
 def _abstract(shape, x_dtype):
     b, h, p, g, n = shape
     S = jax.ShapeDtypeStruct
-    return [S((b, h, p, n), F32), S((b, h, p), x_dtype), S((b, h), F32), S((h,), F32),
-            S((b, g, n), x_dtype), S((b, g, n), x_dtype)]
+    return [
+        S((b, h, p, n), F32),
+        S((b, h, p), x_dtype),
+        S((b, h), F32),
+        S((h,), F32),
+        S((b, g, n), x_dtype),
+        S((b, g, n), x_dtype),
+    ]
 
 
-@pytest.mark.parametrize("shape,dtype", [(TURBOS_DECODE, jnp.float32), (TURBOS_DECODE, jnp.bfloat16),
-                                         (ODD, jnp.bfloat16), (BIG, jnp.bfloat16)],
-                         ids=["turbos-f32", "turbos-bf16", "odd-bf16", "big-bf16"])
+@pytest.mark.parametrize(
+    "shape,dtype",
+    [(TURBOS_DECODE, jnp.float32), (TURBOS_DECODE, jnp.bfloat16), (ODD, jnp.bfloat16), (BIG, jnp.bfloat16)],
+    ids=["turbos-f32", "turbos-bf16", "odd-bf16", "big-bf16"],
+)
 def test_tpu_lowering_mosaic(shape, dtype):
     from tpu_aot import compile_for_tpu, count_mosaic_calls
 
@@ -204,8 +211,9 @@ def test_tpu_donated_state_updated_in_place():
 
     mesh = Mesh(tpu_devices()[:1], ("x",))
     rep = NamedSharding(mesh, P())
-    args = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep)
-            for a in _abstract(TURBOS_DECODE, jnp.bfloat16)]
+    args = [
+        jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep) for a in _abstract(TURBOS_DECODE, jnp.bfloat16)
+    ]
     fn = jax.shard_map(kd.state_update_tpu, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False)
     hlo = jax.jit(fn, donate_argnums=0).lower(*args).compile().as_text()
     call = next(line for line in hlo.splitlines() if MOSAIC_TARGET in line)
@@ -219,7 +227,8 @@ def test_gpu_lowering_triton(shape):
     args = _abstract(shape, jnp.bfloat16)
     b, h, p, _, n = shape
     exported = jax.export.export(
-        jax.jit(kd.state_update_gpu, donate_argnums=0), platforms=["cuda"],
+        jax.jit(kd.state_update_gpu, donate_argnums=0),
+        platforms=["cuda"],
         disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
     )(*args)
     mlir = exported.mlir_module()

@@ -1,13 +1,13 @@
 """Pallas Triton Mamba2 SSD scan (`kernel_gpu`, `kernel_gpu_bwd`) against the pure-JAX reference.
 
-  * Interpret mode on CPU: forward (y, final state) and backward (every cotangent against
-    `jax.vjp` of `reference.chunk_scan`) over initial states, segment resets inside chunks and at
-    chunk boundaries (with a reappearing label), ragged lengths, padded p / n, p-blocks, fp32/bf16.
-  * Poisoning: interpret mode fills unwritten output elements with NaN (checked directly), and
-    every output element is required finite and compared, so a tile a kernel forgot fails.
-  * CUDA lowering on this host: the forward and backward export for platforms=["cuda"] at a
-    TurboS-like shape and contain the Triton custom calls.
-  * Real GPU: the same numerics compiled with Triton; skipped when JAX sees no GPU.
+* Interpret mode on CPU: forward (y, final state) and backward (every cotangent against
+  `jax.vjp` of `reference.chunk_scan`) over initial states, segment resets inside chunks and at
+  chunk boundaries (with a reappearing label), ragged lengths, padded p / n, p-blocks, fp32/bf16.
+* Poisoning: interpret mode fills unwritten output elements with NaN (checked directly), and
+  every output element is required finite and compared, so a tile a kernel forgot fails.
+* CUDA lowering on this host: the forward and backward export for platforms=["cuda"] at a
+  TurboS-like shape and contain the Triton custom calls.
+* Real GPU: the same numerics compiled with Triton; skipped when JAX sees no GPU.
 """
 
 import dataclasses
@@ -47,17 +47,34 @@ class Case:
 CASES = [
     Case("fp32_plain", dfinal=False),
     Case("fp32_init_seq_inside", init=True, seq="inside", dt_shift=-4.0),
-    Case("fp32_seq_boundary_pblocks", p=32, seq="boundary",
-         block=kernel_gpu.BlockSizes(block_p=16, block_p_bwd=16, block_state=128)),
+    Case(
+        "fp32_seq_boundary_pblocks",
+        p=32,
+        seq="boundary",
+        block=kernel_gpu.BlockSizes(block_p=16, block_p_bwd=16, block_state=128),
+    ),
     Case("bf16_init_seq_inside", dtype=jnp.bfloat16, init=True, seq="inside", dt_shift=-4.0),
     # p, n not powers of two (padded), chunk 48 (the kernel uses 32), a single group.
     Case("bf16_odd_dims", b=1, l=70, p=24, g=1, n=20, chunk=48, dtype=jnp.bfloat16, init=True),
     # TurboS per-head shape family: p = 64, n = 128, h / g = 4, Q = 128 with a ragged tail.
-    Case("turbos_heads", b=1, l=200, h=4, p=64, g=1, n=128, chunk=128, init=True, seq="boundary",
-         dt_shift=-3.0),
+    Case(
+        "turbos_heads", b=1, l=200, h=4, p=64, g=1, n=128, chunk=128, init=True, seq="boundary", dt_shift=-3.0
+    ),
     # The exact TurboS Mamba2 shape: 64 heads, head_dim 64, 16 groups, d_state 128, chunk 128.
-    Case("turbos_full", b=1, l=256, h=64, p=64, g=16, n=128, chunk=128, dtype=jnp.bfloat16,
-         init=True, seq="boundary", dt_shift=-3.0),
+    Case(
+        "turbos_full",
+        b=1,
+        l=256,
+        h=64,
+        p=64,
+        g=16,
+        n=128,
+        chunk=128,
+        dtype=jnp.bfloat16,
+        init=True,
+        seq="boundary",
+        dt_shift=-3.0,
+    ),
 ]
 
 
@@ -67,7 +84,7 @@ def _seq_idx(case):
     if case.seq == "boundary":
         points = [[q, 2 * q]] * case.b
     else:
-        points = [[5, q, q + 8, q + 9, 2 * q, case.l - 10], [q - 1, q + 1, case.l - 3]][:case.b]
+        points = [[5, q, q + 8, q + 9, 2 * q, case.l - 10], [q - 1, q + 1, case.l - 3]][: case.b]
     rows = []
     for pts in points:
         change = np.zeros(case.l, np.int32)
@@ -95,8 +112,7 @@ def _inputs(case, seed=0):
 @functools.partial(jax.jit, static_argnames=("chunk", "block", "interpret"))
 def _kernel_all(args, dy, dfinal, *, chunk, block, interpret):
     out = kernel_gpu.forward(*args, chunk_size=chunk, block=block, interpret=interpret)
-    grads = kernel_gpu.backward(*args, dy, dfinal, chunk_size=chunk, block=block,
-                                    interpret=interpret)
+    grads = kernel_gpu.backward(*args, dy, dfinal, chunk_size=chunk, block=block, interpret=interpret)
     return out, grads
 
 
@@ -105,8 +121,9 @@ def _reference_all(args, dy, dfinal, *, chunk):
     *diff_args, seq = args
 
     def f(x, dt, A, B, C, init):
-        return reference.chunk_scan(x, dt, A, B, C, chunk, initial_states=init, seq_idx=seq,
-                                    return_final_states=True)
+        return reference.chunk_scan(
+            x, dt, A, B, C, chunk, initial_states=init, seq_idx=seq, return_final_states=True
+        )
 
     out, vjp = jax.vjp(f, *diff_args)
     if dfinal is None:
@@ -115,8 +132,13 @@ def _reference_all(args, dy, dfinal, *, chunk):
 
 
 def _assert_close(name, got, want, tol):
-    assert got.shape == want.shape and got.dtype == want.dtype, (name, got.shape, want.shape,
-                                                                  got.dtype, want.dtype)
+    assert got.shape == want.shape and got.dtype == want.dtype, (
+        name,
+        got.shape,
+        want.shape,
+        got.dtype,
+        want.dtype,
+    )
     got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
     assert np.isfinite(got).all(), f"{name}: {np.size(got) - np.isfinite(got).sum()} non-finite"
     scale = float(np.abs(want).max())
@@ -125,8 +147,7 @@ def _assert_close(name, got, want, tol):
 
 def _check(case, interpret):
     args, dy, dfinal = _inputs(case)
-    (y, final), grads = _kernel_all(args, dy, dfinal, chunk=case.chunk, block=case.block,
-                                    interpret=interpret)
+    (y, final), grads = _kernel_all(args, dy, dfinal, chunk=case.chunk, block=case.block, interpret=interpret)
     (y_ref, final_ref), grads_ref = _reference_all(args, dy, dfinal, chunk=case.chunk)
     tol = TOL[case.dtype]
     # The reference returns y in x.dtype; the kernel keeps fp32 for the caller's skip and gate.
@@ -153,9 +174,14 @@ def test_interpret_mode_poisons_unwritten_outputs():
             o_ref[...] = x_ref[...]
 
     spec = pl.BlockSpec((16,), lambda i: (i,))
-    out = pl.pallas_call(kernel, grid=(2,), in_specs=[spec], out_specs=spec,
-                         out_shape=jax.ShapeDtypeStruct((32,), jnp.float32),
-                         interpret=True)(jnp.ones((32,), jnp.float32))
+    out = pl.pallas_call(
+        kernel,
+        grid=(2,),
+        in_specs=[spec],
+        out_specs=spec,
+        out_shape=jax.ShapeDtypeStruct((32,), jnp.float32),
+        interpret=True,
+    )(jnp.ones((32,), jnp.float32))
     assert np.all(np.asarray(out[:16]) == 1.0) and np.all(np.isnan(np.asarray(out[16:])))
 
 
@@ -177,8 +203,13 @@ def test_lowers_for_cuda_at_turbos_shape(with_seq):
     """TurboS per device under 8-way tensor parallelism: h = 8, g = 2, p = 64, n = 128, Q = 128."""
     b, l, h, p, g, n = 1, 2048, 8, 64, 2, 128
     sds = jax.ShapeDtypeStruct
-    args = [sds((b, l, h, p), jnp.bfloat16), sds((b, l, h), jnp.float32), sds((h,), jnp.float32),
-            sds((b, l, g, n), jnp.bfloat16), sds((b, l, g, n), jnp.bfloat16)]
+    args = [
+        sds((b, l, h, p), jnp.bfloat16),
+        sds((b, l, h), jnp.float32),
+        sds((h,), jnp.float32),
+        sds((b, l, g, n), jnp.bfloat16),
+        sds((b, l, g, n), jnp.bfloat16),
+    ]
     # Optional inputs are passed as pytree leaves (or None), never closed over.
     opt = (sds((b, h, p, n), jnp.float32), sds((b, l), jnp.int32)) if with_seq else (None, None)
     fwd = _export_cuda(lambda a, o: kernel_gpu.forward(*a, *o, chunk_size=128), args, opt)
@@ -187,8 +218,9 @@ def test_lowers_for_cuda_at_turbos_shape(with_seq):
     for name in ("mamba2_chunk_states", "mamba2_state_passing", "mamba2_chunk_output"):
         assert name in fwd
     cot = (sds((b, l, h, p), jnp.float32), sds((b, h, p, n), jnp.float32))
-    bwd = _export_cuda(lambda a, o, c: kernel_gpu.backward(*a, *o, *c, chunk_size=128),
-                       args, opt, cot).mlir_module()
+    bwd = _export_cuda(
+        lambda a, o, c: kernel_gpu.backward(*a, *o, *c, chunk_size=128), args, opt, cot
+    ).mlir_module()
     # Recomputed states (2 calls), state-gradient source and reverse passing (2), chunk backward.
     assert bwd.count(TRITON_CALL) == 5, bwd.count(TRITON_CALL)
     assert "mamba2_chunk_backward" in bwd
@@ -204,8 +236,11 @@ def _has_gpu():
         return False
 
 
-@pytest.mark.skipif(not _has_gpu(), reason="no CUDA GPU visible to JAX (tests/conftest.py sets "
-                    "JAX_PLATFORMS=cpu unless it is set: run with JAX_PLATFORMS=cuda,cpu on a GPU)")
+@pytest.mark.skipif(
+    not _has_gpu(),
+    reason="no CUDA GPU visible to JAX (tests/conftest.py sets "
+    "JAX_PLATFORMS=cpu unless it is set: run with JAX_PLATFORMS=cuda,cpu on a GPU)",
+)
 class TestOnGpu:
     """The interpret-mode cases compiled with Triton, plus a full TurboS-per-device shape."""
 
@@ -215,5 +250,19 @@ class TestOnGpu:
 
     @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "fp32"])
     def test_turbos_per_device_shape(self, dtype):
-        _check(Case("turbos_device", b=2, l=2048, h=8, p=64, g=2, n=128, chunk=128, dtype=dtype,
-                    init=True, seq="inside"), interpret=False)
+        _check(
+            Case(
+                "turbos_device",
+                b=2,
+                l=2048,
+                h=8,
+                p=64,
+                g=2,
+                n=128,
+                chunk=128,
+                dtype=dtype,
+                init=True,
+                seq="inside",
+            ),
+            interpret=False,
+        )

@@ -22,8 +22,20 @@ def _dt_np(dt, dt_bias, dt_softplus, dt_limit):
     return dt
 
 
-def recurrence_np(x, dt, A, B, C, D=None, z=None, dt_bias=None, initial_states=None,
-                  seq_idx=None, dt_softplus=False, dt_limit=(0.0, INF)):
+def recurrence_np(
+    x,
+    dt,
+    A,
+    B,
+    C,
+    D=None,
+    z=None,
+    dt_bias=None,
+    initial_states=None,
+    seq_idx=None,
+    dt_softplus=False,
+    dt_limit=(0.0, INF),
+):
     """float64 loop over t of state_t = exp(dt A) state_{t-1} + dt x B^T, y_t = state_t C_t + D x_t,
     the state zeroed before t where seq_idx[t] != seq_idx[t-1]. Returns (y, final_state)."""
     f = lambda a: None if a is None else np.asarray(a, np.float64)
@@ -66,8 +78,9 @@ def recurrence_jnp(x, dt, A, B, C, D, dt_bias, initial_states, seq_idx, z, dt_so
     def step(state, inp):
         xt, dtt, bt, ct, rt = inp
         state = jnp.where(rt[:, None, None, None], 0.0, state)
-        state = jnp.exp(dtt * A)[..., None, None] * state + (dtt[..., None] * xt)[..., None] * bt[
-            :, :, None, :]
+        state = (
+            jnp.exp(dtt * A)[..., None, None] * state + (dtt[..., None] * xt)[..., None] * bt[:, :, None, :]
+        )
         return state, jnp.einsum("bhpn,bhn->bhp", state, ct, precision="highest")
 
     mv = lambda a: jnp.moveaxis(a, 1, 0)
@@ -90,8 +103,24 @@ def make_seq_idx(rng, b, l, chunk, nonmonotone=False):
     return np.stack(rows).astype(np.int32)
 
 
-def make_inputs(rng, b, l, h, p, g, n, *, chunk, dtype=np.float32, d_shape="h", z=True,
-                init=True, seq="none", softplus=True, dt_limit=(0.0, INF)):
+def make_inputs(
+    rng,
+    b,
+    l,
+    h,
+    p,
+    g,
+    n,
+    *,
+    chunk,
+    dtype=np.float32,
+    d_shape="h",
+    z=True,
+    init=True,
+    seq="none",
+    softplus=True,
+    dt_limit=(0.0, INF),
+):
     nrm = lambda *s: rng.standard_normal(s).astype(np.float32)
     kw = dict(
         x=nrm(b, l, h, p),
@@ -135,8 +164,7 @@ CASES = {
     "g_eq_h_no_z_no_d": ((2, 40, 3, 4, 3, 8, 8), dict(z=False, d_shape=None)),
     "no_init_no_softplus": ((2, 32, 4, 8, 2, 16, 16), dict(init=False, softplus=False)),
     "seq": ((2, 53, 4, 8, 2, 16, 16), dict(seq="monotone")),
-    "seq_no_init_one_group": ((3, 37, 4, 8, 1, 16, 8), dict(seq="monotone", init=False,
-                                                           d_shape="hp")),
+    "seq_no_init_one_group": ((3, 37, 4, 8, 1, 16, 8), dict(seq="monotone", init=False, d_shape="hp")),
     "seq_nonmonotone": ((2, 45, 4, 8, 2, 16, 16), dict(seq="nonmonotone")),
     "seq_short_chunk": ((2, 33, 4, 8, 4, 8, 4), dict(seq="monotone")),
     "dt_limit": ((2, 37, 4, 8, 2, 16, 16), dict(dt_limit=(0.1, 0.3), seq="monotone")),
@@ -196,8 +224,18 @@ def test_state_update_chain_matches_chunk_scan(d_shape):
     state, ys = kw["initial_states"], []
     for t in range(l):
         at = lambda k: kw[k][:, t]  # noqa: B023 - used immediately
-        y, state = state_update(state, at("x"), at("dt"), kw["A"], at("B"), at("C"), D=kw["D"],
-                                z=at("z"), dt_bias=kw["dt_bias"], **o)
+        y, state = state_update(
+            state,
+            at("x"),
+            at("dt"),
+            kw["A"],
+            at("B"),
+            at("C"),
+            D=kw["D"],
+            z=at("z"),
+            dt_bias=kw["dt_bias"],
+            **o,
+        )
         ys.append(y)
     assert state.dtype == jnp.float32 and ys[0].dtype == jnp.float32
     assert_close(np.stack(ys, axis=1), y_scan, 1e-5, "y")
@@ -209,8 +247,18 @@ def test_state_update_dtypes_and_matches_numpy():
     kw, o = make_inputs(rng, 2, 1, 4, 8, 2, 16, chunk=1, dtype=jnp.bfloat16)
     state = kw["initial_states"].astype(jnp.bfloat16)
     sq = lambda a: a[:, 0]
-    y, new = state_update(state, sq(kw["x"]), sq(kw["dt"]), kw["A"], sq(kw["B"]), sq(kw["C"]),
-                          D=kw["D"], z=sq(kw["z"]), dt_bias=kw["dt_bias"], **o)
+    y, new = state_update(
+        state,
+        sq(kw["x"]),
+        sq(kw["dt"]),
+        kw["A"],
+        sq(kw["B"]),
+        sq(kw["C"]),
+        D=kw["D"],
+        z=sq(kw["z"]),
+        dt_bias=kw["dt_bias"],
+        **o,
+    )
     assert y.dtype == jnp.bfloat16 and new.dtype == jnp.bfloat16
     y_ref, new_ref = recurrence_np(**{**kw, "initial_states": state}, **o)
     assert_close(y, y_ref[:, 0], 3e-2, "y")

@@ -1,12 +1,12 @@
 """The Mamba2 SSD scan TPU kernel (`pallas_kernels/mamba2/kernel_tpu*.py`) against the reference.
 
-  * Interpret mode on CPU: forward (y, final state) and backward (every cotangent against `jax.vjp`
-    of `reference.chunk_scan`) over fp32/bf16, with/without initial states and packed documents,
-    a length that is not a chunk multiple, and a TurboS-sized head block.
-  * Outputs poisoned with NaN (aliased into the kernels' outputs), so an element a kernel never
-    writes shows up as NaN.
-  * AOT compilation for a TPU v5p chip (tests/tpu_aot.py) of the forward and the backward at a
-    TurboS-like shape; skipped only without libtpu.
+* Interpret mode on CPU: forward (y, final state) and backward (every cotangent against `jax.vjp`
+  of `reference.chunk_scan`) over fp32/bf16, with/without initial states and packed documents,
+  a length that is not a chunk multiple, and a TurboS-sized head block.
+* Outputs poisoned with NaN (aliased into the kernels' outputs), so an element a kernel never
+  writes shows up as NaN.
+* AOT compilation for a TPU v5p chip (tests/tpu_aot.py) of the forward and the backward at a
+  TurboS-like shape; skipped only without libtpu.
 """
 
 import functools
@@ -53,9 +53,11 @@ def make_inputs(key, b, l, h, p, g, n, dtype, with_init, with_seq):
 @functools.partial(jax.jit, static_argnames=("chunk",))
 def reference_vjp(x, dt, A, B, C, init, seq_idx, dy, dfinal, *, chunk):
     """Reference outputs on the fp32 values of the inputs and every cotangent of them."""
+
     def f(x, dt, A, B, C, init):
-        return reference.chunk_scan(x, dt, A, B, C, chunk, initial_states=init, seq_idx=seq_idx,
-                                    return_final_states=True)
+        return reference.chunk_scan(
+            x, dt, A, B, C, chunk, initial_states=init, seq_idx=seq_idx, return_final_states=True
+        )
 
     primals = (x.astype(F32), dt, A, B.astype(F32), C.astype(F32), init)
     out, vjp = jax.vjp(f, *primals)
@@ -63,8 +65,10 @@ def reference_vjp(x, dt, A, B, C, init, seq_idx, dy, dfinal, *, chunk):
 
 
 def cotangents(y_shape, final_shape):
-    return (jax.random.normal(jax.random.PRNGKey(11), y_shape),
-            jax.random.normal(jax.random.PRNGKey(12), final_shape))
+    return (
+        jax.random.normal(jax.random.PRNGKey(11), y_shape),
+        jax.random.normal(jax.random.PRNGKey(12), final_shape),
+    )
 
 
 def rel_err(got, want):
@@ -105,38 +109,45 @@ def check_against_reference(args, chunk, dtype, block=None, interpret=True, with
 SMALL = dict(b=2, l=100, h=4, p=16, g=2, n=16)  # l = 3 chunks of 32 + a padded tail
 
 
-@pytest.mark.parametrize("dtype,with_init,with_seq,heads_per_block,with_dfinal", [
-    (F32, False, False, None, True),
-    (F32, True, True, 1, True),  # one head per step: dB/dC partials summed over a group's blocks
-    (BF16, True, False, None, False),
-    (BF16, False, True, None, True),
-], ids=["f32", "f32-init-seq-hb1", "bf16-init-no-dfinal", "bf16-seq"])
+@pytest.mark.parametrize(
+    "dtype,with_init,with_seq,heads_per_block,with_dfinal",
+    [
+        (F32, False, False, None, True),
+        (F32, True, True, 1, True),  # one head per step: dB/dC partials summed over a group's blocks
+        (BF16, True, False, None, False),
+        (BF16, False, True, None, True),
+    ],
+    ids=["f32", "f32-init-seq-hb1", "bf16-init-no-dfinal", "bf16-seq"],
+)
 def test_interpret_matches_reference(dtype, with_init, with_seq, heads_per_block, with_dfinal):
-    args = make_inputs(jax.random.PRNGKey(0), **SMALL, dtype=dtype, with_init=with_init,
-                       with_seq=with_seq)
-    check_against_reference(args, 32, dtype, block=kernel_tpu.BlockSizes(heads_per_block),
-                            with_dfinal=with_dfinal)
+    args = make_inputs(jax.random.PRNGKey(0), **SMALL, dtype=dtype, with_init=with_init, with_seq=with_seq)
+    check_against_reference(
+        args, 32, dtype, block=kernel_tpu.BlockSizes(heads_per_block), with_dfinal=with_dfinal
+    )
 
 
 def test_interpret_sequence_shorter_than_chunk():
     """l < chunk: the reference uses one chunk of l, the kernel one padded to a sublane multiple."""
-    args = make_inputs(jax.random.PRNGKey(3), b=1, l=20, h=2, p=8, g=1, n=8, dtype=F32,
-                       with_init=True, with_seq=True)
+    args = make_inputs(
+        jax.random.PRNGKey(3), b=1, l=20, h=2, p=8, g=1, n=8, dtype=F32, with_init=True, with_seq=True
+    )
     check_against_reference(args, 64, F32)
 
 
 def test_interpret_turbos_heads():
     """TurboS's head shape (64 channels, state 128, 4 heads per B/C group; 16 heads and 4 groups
     stand in for 64 and 16), short l."""
-    args = make_inputs(jax.random.PRNGKey(1), b=1, l=128, h=16, p=64, g=4, n=128, dtype=BF16,
-                       with_init=True, with_seq=True)
+    args = make_inputs(
+        jax.random.PRNGKey(1), b=1, l=128, h=16, p=64, g=4, n=128, dtype=BF16, with_init=True, with_seq=True
+    )
     check_against_reference(args, 64, BF16)
 
 
 def test_interpret_full_turbos_shape():
     """The exact TurboS Mamba2 shape: 64 heads, head_dim 64, 16 groups, d_state 128, chunk 128."""
-    args = make_inputs(jax.random.PRNGKey(2), b=1, l=256, h=64, p=64, g=16, n=128, dtype=BF16,
-                       with_init=True, with_seq=True)
+    args = make_inputs(
+        jax.random.PRNGKey(2), b=1, l=256, h=64, p=64, g=16, n=128, dtype=BF16, with_init=True, with_seq=True
+    )
     check_against_reference(args, 128, BF16)
 
 
@@ -145,11 +156,16 @@ def _poisoned_pallas_call(kernel, *, in_specs, out_specs, out_shape, **kwargs):
     n_in, n_out = len(in_specs), len(out_shape)
 
     def body(*refs):
-        kernel(*refs[:n_in], *refs[n_in + n_out:])
+        kernel(*refs[:n_in], *refs[n_in + n_out :])
 
-    call = PALLAS_CALL(body, in_specs=list(in_specs) + list(out_specs), out_specs=out_specs,
-                          out_shape=out_shape,
-                          input_output_aliases={n_in + i: i for i in range(n_out)}, **kwargs)
+    call = PALLAS_CALL(
+        body,
+        in_specs=list(in_specs) + list(out_specs),
+        out_specs=out_specs,
+        out_shape=out_shape,
+        input_output_aliases={n_in + i: i for i in range(n_out)},
+        **kwargs,
+    )
     nan = [jnp.full(s.shape, jnp.nan, s.dtype) for s in out_shape]
     return lambda *args: call(*args, *nan)
 
@@ -167,8 +183,15 @@ def test_lowers_for_tpu(direction):
 
     b, l, h, p, g, n = 1, 1024, 64, 64, 16, 128
     S = jax.ShapeDtypeStruct
-    ins = [S((b, l, h, p), BF16), S((b, l, h), F32), S((h,), F32), S((b, l, g, n), BF16),
-           S((b, l, g, n), BF16), S((b, h, p, n), F32), S((b, l), jnp.int32)]
+    ins = [
+        S((b, l, h, p), BF16),
+        S((b, l, h), F32),
+        S((h,), F32),
+        S((b, l, g, n), BF16),
+        S((b, l, g, n), BF16),
+        S((b, h, p, n), F32),
+        S((b, l), jnp.int32),
+    ]
     if direction == "forward":
         fn = functools.partial(kernel_tpu.forward, chunk_size=128)
     else:

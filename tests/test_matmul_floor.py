@@ -30,8 +30,10 @@ def test_reads_chained_matmuls_with_shapes_dims_and_flops():
     dots, odd, unknown_loops = _dots(lambda a, b, c: jnp.tanh(a @ b) @ c, a, b, c)
     assert odd == 0 and unknown_loops == 0
     got = {(d.lhs, d.rhs, d.contracting, d.batch): n for d, n in dots.items()}
-    assert got == {(("f32", (16, 8)), ("f32", (8, 4)), ((1,), (0,)), ((), ())): 1,
-                   (("f32", (16, 4)), ("f32", (4, 2)), ((1,), (0,)), ((), ())): 1}
+    assert got == {
+        (("f32", (16, 8)), ("f32", (8, 4)), ((1,), (0,)), ((), ())): 1,
+        (("f32", (16, 4)), ("f32", (4, 2)), ((1,), (0,)), ((), ())): 1,
+    }
     assert sorted(d.flops for d in dots) == [2 * 16 * 4 * 2, 2 * 16 * 8 * 4]
 
 
@@ -59,8 +61,7 @@ def test_dots_in_loops_count_once_per_iteration():
     assert sum(dots.values()) == 6 and unknown_loops == 0
 
     def dynamic(w, x, n):  # trip count only known at run time: counted once, and reported
-        return jax.lax.while_loop(lambda c: c[0] < n, lambda c: (c[0] + 1, jnp.tanh(c[1] @ w)),
-                                  (0, x))[1]
+        return jax.lax.while_loop(lambda c: c[0] < n, lambda c: (c[0] + 1, jnp.tanh(c[1] @ w)), (0, x))[1]
 
     dots, _, unknown_loops = _dots(dynamic, w, x, 3)
     assert sum(dots.values()) == 1 and unknown_loops == 1
@@ -82,16 +83,32 @@ def test_time_dot_names_an_operand_type_it_cannot_time():
 def _env():
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
     env["JAX_PLATFORMS"] = "cpu"
-    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                                if not f.startswith("--xla_force_host_platform_device_count"))
+    env["XLA_FLAGS"] = " ".join(
+        f
+        for f in env.get("XLA_FLAGS", "").split()
+        if not f.startswith("--xla_force_host_platform_device_count")
+    )
     return env
 
 
 def test_script_reports_dots_and_step_on_small_shapes():
     proc = subprocess.run(
-        [sys.executable, SCRIPT, "--config=configs/tiny.py", "--config.batch_size=2",
-         "--config.seq_len=32", "--iters=2", "--windows=1", "--json"],
-        capture_output=True, text=True, timeout=600, env=_env(), cwd=ROOT)
+        [
+            sys.executable,
+            SCRIPT,
+            "--config=configs/tiny.py",
+            "--config.batch_size=2",
+            "--config.seq_len=32",
+            "--iters=2",
+            "--windows=1",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_env(),
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     r = json.loads(proc.stdout)
     assert r["step_from_cache"]  # the parent loaded the step the worker compiled
@@ -103,16 +120,25 @@ def test_script_reports_dots_and_step_on_small_shapes():
 
 
 @pytest.mark.parametrize("script", ["matmul_floor.py", "train_step_throughput.py"])
-@pytest.mark.parametrize("flags, culprit", [
-    (["--config=configs/tiny.py", "--config.no_such_key=1"], "no_such_key"),
-    (["--config=configs/tiny.py", "--config.model.num_heads=3"], "num_heads"),
-    (["--config.batch_size=2"], "config.batch_size"),  # an override needs --config=FILE first
-])
+@pytest.mark.parametrize(
+    "flags, culprit",
+    [
+        (["--config=configs/tiny.py", "--config.no_such_key=1"], "no_such_key"),
+        (["--config=configs/tiny.py", "--config.model.num_heads=3"], "num_heads"),
+        (["--config.batch_size=2"], "config.batch_size"),  # an override needs --config=FILE first
+    ],
+)
 def test_bad_config_is_one_line_error(script, flags, culprit):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *flags,
-                           "--impls=jax"] if script.startswith("train") else
-                          [sys.executable, os.path.join(ROOT, "benchmarks", script), *flags],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=_env())
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", script), *flags, "--impls=jax"]
+        if script.startswith("train")
+        else [sys.executable, os.path.join(ROOT, "benchmarks", script), *flags],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=_env(),
+    )
     assert proc.returncode != 0
     first = next(ln for ln in proc.stderr.splitlines() if ln.startswith(("error: ", "FATAL ")))
     assert culprit in first, proc.stderr[-2000:]

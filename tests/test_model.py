@@ -48,12 +48,13 @@ def test_outputs_and_aux(model_and_state):
     logits, aux = model(_tokens())
     assert logits.shape == (B, L, 256) and logits.dtype == jnp.float32
     assert np.isfinite(np.asarray(logits)).all()
-    assert set(aux) == {"aux_loss", "moe_lb_loss", "moe_z_loss", "moe_dropped_fraction",
-                        "moe_expert_load"}
+    assert set(aux) == {"aux_loss", "moe_lb_loss", "moe_z_loss", "moe_dropped_fraction", "moe_expert_load"}
     cfg = model.cfg
     np.testing.assert_allclose(
-        aux["aux_loss"], cfg.aux_loss_weight * aux["moe_lb_loss"] + cfg.z_loss_weight * aux["moe_z_loss"],
-        rtol=1e-6)
+        aux["aux_loss"],
+        cfg.aux_loss_weight * aux["moe_lb_loss"] + cfg.z_loss_weight * aux["moe_z_loss"],
+        rtol=1e-6,
+    )
     np.testing.assert_allclose(aux["moe_expert_load"].sum(), 1.0, rtol=1e-5)
     assert float(aux["moe_lb_loss"]) > 0
 
@@ -115,8 +116,7 @@ def test_causal_by_gradient(capacity_factor):
 
     # One VJP per output position via lax.map: jacrev would vmap ragged_dot (no batching rule
     # for that in jax 0.10).
-    rows = lambda x: jax.lax.map(lambda t: jax.grad(lambda x: per_position(x)[t])(x),
-                                 jnp.arange(L))
+    rows = lambda x: jax.lax.map(lambda t: jax.grad(lambda x: per_position(x)[t])(x), jnp.arange(L))
     dep = np.abs(np.asarray(jax.jit(rows)(x))).sum(-1)[:, 0]  # (L, L)
     future = np.triu(np.ones((L, L), bool), k=1)
     assert np.all(dep[future] <= 1e-7 * dep.max())  # fp32 residue of Mamba2's cumsum, see layers

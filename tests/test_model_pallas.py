@@ -32,9 +32,13 @@ def _batch(cfg, b=4, l=24):
     seg = np.ones((b, l), np.int32)
     seg[1, 9:] = 2  # two documents in row 1: the kernels' state resets
     seg[2, 20:] = 0  # padding
-    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": seg,
-            "positions": np.asarray(segment_positions(jnp.asarray(seg))),
-            "loss_mask": (seg != 0).astype(np.float32)}
+    return {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "segment_ids": seg,
+        "positions": np.asarray(segment_positions(jnp.asarray(seg))),
+        "loss_mask": (seg != 0).astype(np.float32),
+    }
 
 
 def _loss_and_grads(cfg, params, batch, mesh=None):
@@ -43,19 +47,26 @@ def _loss_and_grads(cfg, params, batch, mesh=None):
     if mesh is None:
         return fn(params, batch)
     with jax.set_mesh(mesh):
-        return fn(jax.device_put(params, sharding.named_shardings(params, mesh)),
-                  jax.device_put(batch, NamedSharding(mesh, P(("data", "expert")))))
+        return fn(
+            jax.device_put(params, sharding.named_shardings(params, mesh)),
+            jax.device_put(batch, NamedSharding(mesh, P(("data", "expert")))),
+        )
 
 
 def _close(a, b, rtol=2e-4, atol=2e-6):
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol,
-                                                         atol=atol), a, b)
+    jax.tree.map(
+        lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol), a, b
+    )
 
 
 @pytest.mark.parametrize("capacity_factor", [1.5, 0.0], ids=["capacity", "dropless"])
 def test_pallas_model_matches_xla(capacity_factor):
-    cfg = dataclasses.replace(ModelConfig.from_config(tiny.get_config().model), layout="AFMF",
-                              mamba_chunk=8, capacity_factor=capacity_factor)
+    cfg = dataclasses.replace(
+        ModelConfig.from_config(tiny.get_config().model),
+        layout="AFMF",
+        mamba_chunk=8,
+        capacity_factor=capacity_factor,
+    )
     params = nnx.split(TurbosModel(cfg, rngs=nnx.Rngs(0)))[1]
     batch = _batch(cfg)
     (ref_loss, _), ref_grads = _loss_and_grads(cfg, params, batch)
@@ -66,33 +77,53 @@ def test_pallas_model_matches_xla(capacity_factor):
 
 
 def test_pallas_model_on_a_mesh_matches_one_device():
-    cfg = dataclasses.replace(ModelConfig.from_config(tiny.get_config().model), layout="AFMF",
-                              mamba_chunk=8, capacity_factor=0.0, kernel_impl="pallas")
+    cfg = dataclasses.replace(
+        ModelConfig.from_config(tiny.get_config().model),
+        layout="AFMF",
+        mamba_chunk=8,
+        capacity_factor=0.0,
+        kernel_impl="pallas",
+    )
     params = nnx.split(TurbosModel(cfg, rngs=nnx.Rngs(0)))[1]
     batch = _batch(cfg)
-    (ref_loss, _), ref_grads = _loss_and_grads(dataclasses.replace(cfg, kernel_impl="xla"),
-                                               params, batch)
-    mesh = sharding.make_mesh({"data": 2, "expert": 2, "model": 2, "context": 1},
-                              devices=jax.devices()[:8])
+    (ref_loss, _), ref_grads = _loss_and_grads(dataclasses.replace(cfg, kernel_impl="xla"), params, batch)
+    mesh = sharding.make_mesh({"data": 2, "expert": 2, "model": 2, "context": 1}, devices=jax.devices()[:8])
     (loss, _), grads = _loss_and_grads(cfg, params, batch, mesh)
     np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
     _close(grads, ref_grads)
 
 
 def test_tiny_train_step_compiles_for_tpu_with_mosaic_kernels():
-    have_libtpu = (importlib.util.find_spec("libtpu") is not None
-                   or bool(os.environ.get("TURBOS_TEST_LIBTPU_PATH")))
+    have_libtpu = importlib.util.find_spec("libtpu") is not None or bool(
+        os.environ.get("TURBOS_TEST_LIBTPU_PATH")
+    )
     if not have_libtpu:
         pytest.skip("no libtpu: pip install 'jax[tpu]' (the test extra) to compile for TPU")
     env = dict(os.environ, XLA_FLAGS="")
     if os.environ.get("TURBOS_TEST_LIBTPU_PATH"):
-        env["PYTHONPATH"] = os.pathsep.join([os.environ["TURBOS_TEST_LIBTPU_PATH"],
-                                             env.get("PYTHONPATH", "")])
+        env["PYTHONPATH"] = os.pathsep.join(
+            [os.environ["TURBOS_TEST_LIBTPU_PATH"], env.get("PYTHONPATH", "")]
+        )
     out = subprocess.run(
-        [sys.executable, "-m", "turbos_jax.aot", "--config=configs/tiny.py", "--topology=v5p:2x2x1",
-         "--json", "--config.mesh.data=1", "--config.mesh.expert=2", "--config.mesh.model=2",
-         "--config.model.kernel_impl=auto", "--config.model.capacity_factor=0.0"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        [
+            sys.executable,
+            "-m",
+            "turbos_jax.aot",
+            "--config=configs/tiny.py",
+            "--topology=v5p:2x2x1",
+            "--json",
+            "--config.mesh.data=1",
+            "--config.mesh.expert=2",
+            "--config.mesh.model=2",
+            "--config.model.kernel_impl=auto",
+            "--config.model.capacity_factor=0.0",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout)
     assert r["kernel_impl"] == "pallas"

@@ -139,9 +139,7 @@ def test_capacity_dispatch_combine_vs_loop():
     assert ((pos >= cap).any()) and ((pos >= 0) & (pos < cap)).any()  # both kinds present
 
     y = rng.standard_normal((e, g, cap, d)).astype(np.float32)
-    out = ops.capacity_combine(
-        jnp.asarray(y), jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(w), cap
-    )
+    out = ops.capacity_combine(jnp.asarray(y), jnp.asarray(ids), jnp.asarray(pos), jnp.asarray(w), cap)
     want = np.zeros((g, s, d), np.float32)
     for gi in range(g):
         for t in range(s):
@@ -164,8 +162,9 @@ def test_ops_gradients_match_finite_differences():
 
     def chain(a, r, g):  # every data-moving op, both paths, in one function
         y = ops.unpermute(ops.grouped_matmul(ops.permute(a, order, k), r, sizes) @ proj, order, g)
-        return ops.capacity_combine(ops.capacity_dispatch(y[None], ids3, pos, 3, e), ids3, pos,
-                                    g[None] * 2.0, 3)
+        return ops.capacity_combine(
+            ops.capacity_dispatch(y[None], ids3, pos, 3, e), ids3, pos, g[None] * 2.0, 3
+        )
 
     check_grads(jax.jit(chain), (x, rhs, w), order=1, modes=["rev"], atol=1e-2, rtol=1e-2)
 
@@ -184,8 +183,7 @@ def test_unknown_impl_raises():
     with pytest.raises(ValueError, match="capacity_dispatch"):
         ops.capacity_dispatch(x[None], ids[None], pos, 2, 2, impl="nope")
     with pytest.raises(ValueError, match="capacity_combine"):
-        ops.capacity_combine(jnp.ones((1, 2, 2, 3)), ids[None], pos, jnp.ones((1, 2, 1)), 2,
-                             impl="nope")
+        ops.capacity_combine(jnp.ones((1, 2, 2, 3)), ids[None], pos, jnp.ones((1, 2, 1)), 2, impl="nope")
 
 
 # ========================================================================================= layer
@@ -334,8 +332,9 @@ def test_small_capacity_drops_exactly_the_low_priority_choices():
     y, aux = _apply(m, x)
     want, kept, want_aux = _np_moe(m, x, capacity=cap)
     assert 0 < (~kept).sum() < kept.size
-    pos = nnx.jit(lambda mod, a: ops.capacity_positions(
-        mod.route(a, jnp.ones((b, l), bool))[0], cfg.num_experts))(m, x)
+    pos = nnx.jit(
+        lambda mod, a: ops.capacity_positions(mod.route(a, jnp.ones((b, l), bool))[0], cfg.num_experts)
+    )(m, x)
     np.testing.assert_array_equal((np.asarray(pos) < cap), kept)
     np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)
     _assert_aux(aux, want_aux)
@@ -348,11 +347,13 @@ def test_aux_losses_on_hand_computed_case():
     m = MoEFFN(cfg, rngs=nnx.Rngs(0))
     # Router = [I_8; 0], so the logits are the first 8 features; the rest are random and ignored.
     m.router[...] = jnp.eye(d, e)
-    lg = np.array([
-        [2.0, 1.0, 0.0, -1.0, -2.0, -1.5, -0.5, 0.5],  # top-2 {0, 1}
-        [0.0, 3.0, 1.0, 0.0, -1.0, 0.2, -0.3, 0.1],  # top-2 {1, 2}
-        [-1.0, 0.0, 1.0, 2.0, 0.3, -0.2, 0.4, 0.6],  # top-2 {3, 2}
-    ])
+    lg = np.array(
+        [
+            [2.0, 1.0, 0.0, -1.0, -2.0, -1.5, -0.5, 0.5],  # top-2 {0, 1}
+            [0.0, 3.0, 1.0, 0.0, -1.0, 0.2, -0.3, 0.1],  # top-2 {1, 2}
+            [-1.0, 0.0, 1.0, 2.0, 0.3, -0.2, 0.4, 0.6],  # top-2 {3, 2}
+        ]
+    )
     x = np.concatenate([lg, _rng(11).standard_normal((3, d - e))], axis=1)[None]
     x = jnp.asarray(x, jnp.float32)
     # 6 assignments: e0 1, e1 2, e2 2, e3 1, e4..e7 0.
@@ -472,17 +473,18 @@ def test_capacity_custom_vjps_match_autodiff(dtype, tol, cap):
         out = combine(jnp.einsum("egcd,edf->egcf", buf, proj), ids, pos, w, cap)
         return jnp.sum(jnp.sin(out.astype(jnp.float32))), (buf, out)
 
-    got = jax.value_and_grad(functools.partial(loss, ops.capacity_dispatch, ops.capacity_combine),
-                             argnums=(0, 1), has_aux=True)(x, w)
-    want = jax.value_and_grad(functools.partial(loss, _scatter_dispatch, _autodiff_combine),
-                              argnums=(0, 1), has_aux=True)(x, w)
+    got = jax.value_and_grad(
+        functools.partial(loss, ops.capacity_dispatch, ops.capacity_combine), argnums=(0, 1), has_aux=True
+    )(x, w)
+    want = jax.value_and_grad(
+        functools.partial(loss, _scatter_dispatch, _autodiff_combine), argnums=(0, 1), has_aux=True
+    )(x, w)
     (_, (buf, out)), (gx, gw) = got
     (_, (buf_w, out_w)), (gx_w, gw_w) = want
     np.testing.assert_array_equal(np.asarray(buf, np.float32), np.asarray(buf_w, np.float32))
     for a, b in ((out, out_w), (gx, gx_w), (gw, gw_w)):
         assert a.dtype == b.dtype
-        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
-                                   rtol=tol, atol=tol)
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
     assert float(jnp.max(jnp.abs(gx.astype(jnp.float32)))) > 0  # non-trivial gradients
     kept = (pos >= 0) & (pos < cap) & (ids < e)
     assert bool(jnp.all(jnp.where(kept, True, gw == 0)))  # dropped choices get no gate gradient

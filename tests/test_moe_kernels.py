@@ -146,7 +146,7 @@ def test_grouped_matmul_values_and_vjp(sizes, trailing, kd, n, dtype):
         assert g.dtype == r.dtype and g.shape == r.shape
         _close(g, r, dtype, scale=4)
     # "No expert" rows of the output and of d lhs are exactly zero.
-    assert not np.any(_np(got[0])[sum(sizes):]) and not np.any(_np(got[1])[sum(sizes):])
+    assert not np.any(_np(got[0])[sum(sizes) :]) and not np.any(_np(got[1])[sum(sizes) :])
 
 
 def test_dropless_ffn_chain_matches_xla():
@@ -180,8 +180,9 @@ def test_capacity_ops_accept_pallas():
     got = ops.capacity_dispatch(x, ids, pos, 2, 3, impl="pallas")
     np.testing.assert_array_equal(got, ops.capacity_dispatch(x, ids, pos, 2, 3))
     g = jnp.ones((1, 3, 2))
-    np.testing.assert_array_equal(ops.capacity_combine(got, ids, pos, g, 2, impl="pallas"),
-                                  ops.capacity_combine(got, ids, pos, g, 2))
+    np.testing.assert_array_equal(
+        ops.capacity_combine(got, ids, pos, g, 2, impl="pallas"), ops.capacity_combine(got, ids, pos, g, 2)
+    )
 
 
 # ========================================================================================= lowering
@@ -208,8 +209,7 @@ def _op_fns():
     return {
         "permute": (permute, (0,), (s((T, D), bf), s((T, K), jnp.int32))),
         "grouped_matmul": (gmm, (0, 2), (s((T * K, D), bf), s((T, K), jnp.int32), s((E, D, F), bf))),
-        "unpermute": (unpermute, (0, 2),
-                      (s((T * K, D), bf), s((T, K), jnp.int32), s((T, K), jnp.float32))),
+        "unpermute": (unpermute, (0, 2), (s((T * K, D), bf), s((T, K), jnp.int32), s((T, K), jnp.float32))),
     }
 
 

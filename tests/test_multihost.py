@@ -31,8 +31,14 @@ import pytest  # noqa: E402
 from turbos_jax import distributed  # noqa: E402
 
 # The trainer's tiny config shrunk further: compilation dominates these runs on a shared CPU.
-TRAIN = ["--config=configs/tiny.py", "--config.batch_size=4", "--config.seq_len=32",
-         "--config.model.layout=AFMF", "--config.log_every_steps=1", "--config.eval_every_steps=0"]
+TRAIN = [
+    "--config=configs/tiny.py",
+    "--config.batch_size=4",
+    "--config.seq_len=32",
+    "--config.model.layout=AFMF",
+    "--config.log_every_steps=1",
+    "--config.eval_every_steps=0",
+]
 GLOO_TIMEOUT = "Gloo context initialization failed"
 
 
@@ -45,8 +51,11 @@ def _free_port() -> int:
 
 def _env(devices: int, processes: int = 1) -> dict:
     env = dict(os.environ)
-    flags = [f for f in env.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
+    flags = [
+        f
+        for f in env.get("XLA_FLAGS", "").split()
+        if not f.startswith("--xla_force_host_platform_device_count")
+    ]
     env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = ROOT
@@ -59,8 +68,9 @@ def _env(devices: int, processes: int = 1) -> dict:
     return env
 
 
-def _run_job(argv: list[str], *, processes: int = 2, devices: int = 2, timeout: int = 900,
-             check: bool = True) -> list[subprocess.CompletedProcess]:
+def _run_job(
+    argv: list[str], *, processes: int = 2, devices: int = 2, timeout: int = 900, check: bool = True
+) -> list[subprocess.CompletedProcess]:
     """Runs `argv` as one job of `processes` processes on localhost; returns each one's result.
 
     Retried once if Gloo's 30 s rendezvous timed out: on this shared 2-core machine one process can
@@ -70,10 +80,25 @@ def _run_job(argv: list[str], *, processes: int = 2, devices: int = 2, timeout: 
         port = _free_port()
         procs = []
         for i in range(processes):
-            dist = ([f"--coordinator_address=localhost:{port}", f"--num_processes={processes}",
-                     f"--process_id={i}"] if processes > 1 else [])
-            procs.append(subprocess.Popen(argv + dist, cwd=ROOT, env=_env(devices, processes), text=True,
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+            dist = (
+                [
+                    f"--coordinator_address=localhost:{port}",
+                    f"--num_processes={processes}",
+                    f"--process_id={i}",
+                ]
+                if processes > 1
+                else []
+            )
+            procs.append(
+                subprocess.Popen(
+                    argv + dist,
+                    cwd=ROOT,
+                    env=_env(devices, processes),
+                    text=True,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                )
+            )
         results, end = [], time.time() + timeout
         for p in procs:
             try:
@@ -127,46 +152,95 @@ def _losses(workdir) -> dict[int, float]:
 NO_CLUSTER = {"TPU_SKIP_MDS_QUERY": "1"}  # keeps detection off this machine's PCI bus / metadata
 
 
-@pytest.mark.parametrize("kwargs, environ, expected", [
-    ({}, {}, None),
-    ({"coordinator_address": "h:1234", "num_processes": 2, "process_id": 1}, {},
-     {"coordinator_address": "h:1234", "num_processes": 2, "process_id": 1}),
-    ({}, {"JAX_COORDINATOR_ADDRESS": "10.0.0.2:8476", "JAX_NUM_PROCESSES": "4",
-          "JAX_PROCESS_ID": "3"},
-     {"coordinator_address": "10.0.0.2:8476", "num_processes": 4, "process_id": 3}),
-    ({"process_id": 0}, {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2",
-                         "JAX_PROCESS_ID": "1"},  # a flag wins over its variable
-     {"coordinator_address": "h:1", "num_processes": 2, "process_id": 0}),
-    ({"num_processes": 1}, {}, None),  # explicitly single-process
-    ({}, {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n[1-2]", "SLURM_NTASKS": "2",
-          "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}, {}),  # JAX detects everything
-    ({}, {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "n1", "SLURM_NTASKS": "1",
-          "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}, None),
-    ({}, {"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"}, {}),
-    ({}, {"TPU_WORKER_HOSTNAMES": "w0"}, None),
-    ({"num_processes": 2}, {"OMPI_MCA_orte_hnp_uri": "1.0;tcp://x:1", "OMPI_COMM_WORLD_SIZE": "2"},
-     {"num_processes": 2}),  # the cluster fills in the rest
-])
+@pytest.mark.parametrize(
+    "kwargs, environ, expected",
+    [
+        ({}, {}, None),
+        (
+            {"coordinator_address": "h:1234", "num_processes": 2, "process_id": 1},
+            {},
+            {"coordinator_address": "h:1234", "num_processes": 2, "process_id": 1},
+        ),
+        (
+            {},
+            {"JAX_COORDINATOR_ADDRESS": "10.0.0.2:8476", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"},
+            {"coordinator_address": "10.0.0.2:8476", "num_processes": 4, "process_id": 3},
+        ),
+        (
+            {"process_id": 0},
+            {
+                "JAX_COORDINATOR_ADDRESS": "h:1",
+                "JAX_NUM_PROCESSES": "2",
+                "JAX_PROCESS_ID": "1",
+            },  # a flag wins over its variable
+            {"coordinator_address": "h:1", "num_processes": 2, "process_id": 0},
+        ),
+        ({"num_processes": 1}, {}, None),  # explicitly single-process
+        (
+            {},
+            {
+                "SLURM_JOB_ID": "7",
+                "SLURM_STEP_NODELIST": "n[1-2]",
+                "SLURM_NTASKS": "2",
+                "SLURM_PROCID": "0",
+                "SLURM_LOCALID": "0",
+            },
+            {},
+        ),  # JAX detects everything
+        (
+            {},
+            {
+                "SLURM_JOB_ID": "7",
+                "SLURM_STEP_NODELIST": "n1",
+                "SLURM_NTASKS": "1",
+                "SLURM_PROCID": "0",
+                "SLURM_LOCALID": "0",
+            },
+            None,
+        ),
+        ({}, {"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"}, {}),
+        ({}, {"TPU_WORKER_HOSTNAMES": "w0"}, None),
+        (
+            {"num_processes": 2},
+            {"OMPI_MCA_orte_hnp_uri": "1.0;tcp://x:1", "OMPI_COMM_WORLD_SIZE": "2"},
+            {"num_processes": 2},
+        ),  # the cluster fills in the rest
+    ],
+)
 def test_resolve(kwargs, environ, expected):
     assert distributed.resolve(**kwargs, environ={**NO_CLUSTER, **environ}) == expected
 
 
-@pytest.mark.parametrize("kwargs, environ, message", [
-    ({"process_id": 1}, {}, "--process_id=1 was given without --num_processes"),
-    ({"num_processes": 2, "process_id": 2, "coordinator_address": "h:1"}, {},
-     "--process_id=2: must be < --num_processes=2"),
-    ({"num_processes": 2, "coordinator_address": "h:1"}, {"JAX_PROCESS_ID": "5"},
-     "JAX_PROCESS_ID=5: must be < --num_processes=2"),
-    ({"num_processes": 0}, {}, "--num_processes=0: must be >= 1"),
-    ({"process_id": -1, "num_processes": 2}, {}, "--process_id=-1: must be >= 0"),
-    ({}, {"JAX_NUM_PROCESSES": "two"}, "JAX_NUM_PROCESSES='two': must be an integer"),
-    ({"coordinator_address": "localhost", "num_processes": 2, "process_id": 0}, {},
-     "--coordinator_address=localhost: must be HOST:PORT"),
-    ({"num_processes": 2, "process_id": 0}, {},
-     "--num_processes=2 also needs --coordinator_address"),
-    ({"coordinator_address": "h:1"}, {},
-     "--coordinator_address=h:1 also needs --num_processes and --process_id"),
-])
+@pytest.mark.parametrize(
+    "kwargs, environ, message",
+    [
+        ({"process_id": 1}, {}, "--process_id=1 was given without --num_processes"),
+        (
+            {"num_processes": 2, "process_id": 2, "coordinator_address": "h:1"},
+            {},
+            "--process_id=2: must be < --num_processes=2",
+        ),
+        (
+            {"num_processes": 2, "coordinator_address": "h:1"},
+            {"JAX_PROCESS_ID": "5"},
+            "JAX_PROCESS_ID=5: must be < --num_processes=2",
+        ),
+        ({"num_processes": 0}, {}, "--num_processes=0: must be >= 1"),
+        ({"process_id": -1, "num_processes": 2}, {}, "--process_id=-1: must be >= 0"),
+        ({}, {"JAX_NUM_PROCESSES": "two"}, "JAX_NUM_PROCESSES='two': must be an integer"),
+        (
+            {"coordinator_address": "localhost", "num_processes": 2, "process_id": 0},
+            {},
+            "--coordinator_address=localhost: must be HOST:PORT",
+        ),
+        ({"num_processes": 2, "process_id": 0}, {}, "--num_processes=2 also needs --coordinator_address"),
+        (
+            {"coordinator_address": "h:1"},
+            {},
+            "--coordinator_address=h:1 also needs --num_processes and --process_id",
+        ),
+    ],
+)
 def test_resolve_rejects_bad_combinations(kwargs, environ, message):
     with pytest.raises(distributed.DistributedError) as e:
         distributed.resolve(**kwargs, environ={**NO_CLUSTER, **environ})
@@ -175,11 +249,18 @@ def test_resolve_rejects_bad_combinations(kwargs, environ, message):
 
 
 def test_trainer_reports_bad_distributed_flags_in_one_line(tmp_path):
-    out = subprocess.run(_train(tmp_path / "w", "--num_processes=2", "--process_id=3"), cwd=ROOT,
-                         env=_env(1), capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        _train(tmp_path / "w", "--num_processes=2", "--process_id=3"),
+        cwd=ROOT,
+        env=_env(1),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 1
-    assert out.stderr.strip().splitlines()[-1].startswith(
-        "error: --process_id=3: must be < --num_processes=2"), out.stderr[-2000:]
+    assert (
+        out.stderr.strip().splitlines()[-1].startswith("error: --process_id=3: must be < --num_processes=2")
+    ), out.stderr[-2000:]
     assert "Traceback" not in out.stderr
 
 
@@ -192,17 +273,18 @@ def test_two_process_checkpoint_round_trip(tmp_path):
     for r in _run_job(_worker("ckpt", work, "save")):
         assert "process " in r.stdout and "/2, local devices 2 (cpu), global devices 4" in r.stdout
     data = sorted(os.listdir(os.path.join(work, "checkpoints", "3", "data")))
-    assert [d for d in data if d.endswith(".json")] == ["process_0-of-2.json",
-                                                        "process_1-of-2.json"]
+    assert [d for d in data if d.endswith(".json")] == ["process_0-of-2.json", "process_1-of-2.json"]
     results = _run_job(_worker("ckpt", work, "restore"))
     assert [r.stdout.strip().splitlines()[-1] for r in results] == [
         "restored step 3 on process 0: state and data stream OK",
-        "restored step 3 on process 1: state and data stream OK"]
+        "restored step 3 on process 1: state and data stream OK",
+    ]
 
     (single,) = _run_job(_worker("ckpt", work, "restore"), processes=1, devices=4, check=False)
     assert single.returncode == 1, single.stderr[-2000:]
-    assert single.stderr.strip().splitlines()[-1].startswith(
-        "error: checkpoint step 3 in"), single.stderr[-2000:]
+    assert single.stderr.strip().splitlines()[-1].startswith("error: checkpoint step 3 in"), single.stderr[
+        -2000:
+    ]
     assert "saved by 2 process(es) but this job has 1" in single.stderr
     assert os.path.isdir(os.path.join(work, "checkpoints", "3"))  # not moved aside as corrupt
 
@@ -232,8 +314,7 @@ def _ckpt_worker(workdir: str, phase: str) -> None:
         ckpt.close()
         np.savez(os.path.join(workdir, f"next-{pid}.npz"), **next(it))
         return
-    target = {"w": jax.ShapeDtypeStruct(full.shape, full.dtype,
-                                        sharding=NamedSharding(mesh, P(None, None)))}
+    target = {"w": jax.ShapeDtypeStruct(full.shape, full.dtype, sharding=NamedSharding(mesh, P(None, None)))}
     try:
         step, state = ckpt.restore_latest(target, it)
     except cli.UserError as e:
@@ -289,8 +370,10 @@ def test_two_process_training_resumes_exactly(tmp_path):
     sb = _restore_state(os.path.join(resumed, "checkpoints", "4", "state"))
     for x, y in zip(jax.tree.leaves(sa), jax.tree.leaves(sb), strict=True):
         np.testing.assert_array_equal(x, y)
-    digests = [r.stdout.split("digest ")[-1].split() for r in
-               _run_job(_worker("digest", os.path.join(resumed, "checkpoints", "4", "state")))]
+    digests = [
+        r.stdout.split("digest ")[-1].split()
+        for r in _run_job(_worker("digest", os.path.join(resumed, "checkpoints", "4", "state")))
+    ]
     assert digests == [["0", _digest(sb)], ["1", _digest(sb)]]
 
 
@@ -320,8 +403,9 @@ def test_checkpoint_restores_onto_a_different_mesh(tmp_path):
     setup = train_setup(config, model_cfg)
     mesh = sharding.make_mesh(config.mesh, model_cfg=model_cfg, batch_size=config.batch_size)
     with jax.set_mesh(mesh):
-        state = jax.jit(setup.init_state,
-                        out_shardings=sharding.named_shardings(setup.abstract_state, mesh))()
+        state = jax.jit(
+            setup.init_state, out_shardings=sharding.named_shardings(setup.abstract_state, mesh)
+        )()
     it = make_train_iterator(config)
     next(it)
     ckpt = Checkpointer(directory, keep=2)
@@ -338,8 +422,7 @@ def test_checkpoint_restores_onto_a_different_mesh(tmp_path):
             target = sharding.sharded_abstract(setup.abstract_state, mesh)
             step, restored = Checkpointer(directory, keep=2).restore_latest(target, it)
         assert step == 1
-        for got, want, spec in zip(jax.tree.leaves(restored), saved, jax.tree.leaves(target),
-                                   strict=True):
+        for got, want, spec in zip(jax.tree.leaves(restored), saved, jax.tree.leaves(target), strict=True):
             assert got.sharding == spec.sharding
             np.testing.assert_array_equal(np.asarray(got), want)
         np.testing.assert_array_equal(next(it)["inputs"], following["inputs"])
@@ -351,8 +434,12 @@ def test_training_continues_after_a_mesh_change(tmp_path):
     (1, 4, 2): its step-2 loss and parameters match the unchanged mesh's to float tolerance
     (reductions run in a different order on another mesh, so not bitwise)."""
     base, moved = str(tmp_path / "base"), str(tmp_path / "moved")
-    common = ["--config.batch_size=8", "--config.seq_len=16", "--config.checkpoint_every_steps=1",
-              "--config.total_steps=2"]
+    common = [
+        "--config.batch_size=8",
+        "--config.seq_len=16",
+        "--config.checkpoint_every_steps=1",
+        "--config.total_steps=2",
+    ]
     mesh_a = ["--config.mesh.data=2", "--config.mesh.expert=2", "--config.mesh.model=2"]
     mesh_b = ["--config.mesh.data=1", "--config.mesh.expert=4", "--config.mesh.model=2"]
     _run_job(_train(base, *common, *mesh_a), processes=1, devices=8)
@@ -374,10 +461,11 @@ def test_processes_load_the_rows_their_devices_hold():
     whole batch; with `data` across them each loads its half. The global batch is then consistent:
     every device sees the same rows the process-local data gave it."""
     results = _run_job(_worker("rows"), devices=1)
-    lines = [[ln for ln in r.stdout.splitlines() if ln.startswith(("model:", "data:"))]
-             for r in results]
-    assert lines == [["model: shard 0 of 1, rows 0..8 consistent", "data: shard 0 of 2, rows 0..4"],
-                     ["model: shard 0 of 1, rows 0..8 consistent", "data: shard 1 of 2, rows 4..8"]]
+    lines = [[ln for ln in r.stdout.splitlines() if ln.startswith(("model:", "data:"))] for r in results]
+    assert lines == [
+        ["model: shard 0 of 1, rows 0..8 consistent", "data: shard 0 of 2, rows 0..4"],
+        ["model: shard 0 of 1, rows 0..8 consistent", "data: shard 1 of 2, rows 4..8"],
+    ]
 
 
 def _rows_worker() -> None:

@@ -24,13 +24,25 @@ COS_Q = 0.5 * (1 + math.cos(math.pi / 4))  # cosine factor at a quarter of a pha
 COS_3Q = 0.5 * (1 + math.cos(3 * math.pi / 4))
 
 
-@pytest.mark.parametrize("step, lr", [
-    (0, 0.0), (5, 0.5), (10, 1.0),                       # warmup from 0; boundary = its end
-    (15, 0.2 + 0.8 * COS_Q), (20, 0.6), (30, 0.2),       # cosine 1.0 -> 0.2 over 20
-    (31, 0.1 + 0.1 * COS_Q), (32, 0.15), (33, 0.1 + 0.1 * COS_3Q),  # anneal 0.2 -> 0.1 over 4
-    (34, 0.05), (37, 0.05), (39, 0.05),                  # constant: jumps 0.1 -> 0.05 at 34
-    (40, 0.05), (10_000, 0.05),                          # after the end: last end_lr
-])
+@pytest.mark.parametrize(
+    "step, lr",
+    [
+        (0, 0.0),
+        (5, 0.5),
+        (10, 1.0),  # warmup from 0; boundary = its end
+        (15, 0.2 + 0.8 * COS_Q),
+        (20, 0.6),
+        (30, 0.2),  # cosine 1.0 -> 0.2 over 20
+        (31, 0.1 + 0.1 * COS_Q),
+        (32, 0.15),
+        (33, 0.1 + 0.1 * COS_3Q),  # anneal 0.2 -> 0.1 over 4
+        (34, 0.05),
+        (37, 0.05),
+        (39, 0.05),  # constant: jumps 0.1 -> 0.05 at 34
+        (40, 0.05),
+        (10_000, 0.05),  # after the end: last end_lr
+    ],
+)
 def test_schedule_values(step, lr):
     sched = optim.make_schedule(SCHEDULE)
     assert optim.learning_rate_at(sched, step) == pytest.approx(lr, rel=1e-5, abs=1e-7)
@@ -54,12 +66,23 @@ def test_schedule_real_config():
     assert optim.learning_rate_at(sched, 1_800_000) == pytest.approx(5e-6, rel=1e-5)
 
 
-@pytest.mark.parametrize("bad", [
-    (("linear", 10, 1.0),), (("warmup", 0, 1.0),), (("warmup", -3, 1.0),),
-    (("warmup", 10.0, 1.0),), (("warmup", 10, -1e-4),), (("warmup", 10, float("nan")),),
-    (("warmup", 10, "1e-4"),), (("warmup", 10),), (), "warmup", None,
-    (("warmup", 10, 1.0), ("cosine", True, 0.1)),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        (("linear", 10, 1.0),),
+        (("warmup", 0, 1.0),),
+        (("warmup", -3, 1.0),),
+        (("warmup", 10.0, 1.0),),
+        (("warmup", 10, -1e-4),),
+        (("warmup", 10, float("nan")),),
+        (("warmup", 10, "1e-4"),),
+        (("warmup", 10),),
+        (),
+        "warmup",
+        None,
+        (("warmup", 10, 1.0), ("cosine", True, 0.1)),
+    ],
+)
 def test_schedule_invalid(bad):
     with pytest.raises(ConfigError, match=r"config\.optim\.schedule") as e:
         optim.make_schedule(bad)
@@ -69,8 +92,13 @@ def test_schedule_invalid(bad):
 def test_optimizer_config_errors():
     good = turbos.get_config().optim.to_dict()
     optim.make_optimizer(turbos.get_config().optim)  # a ConfigDict works as is
-    for key, value, msg in [("b2", 1.0, "b2"), ("eps", 0.0, "eps"), ("weight_decay", -1, "weight"),
-                            ("grad_clip", "1", "grad_clip"), ("lr", 1.0, "unknown")]:
+    for key, value, msg in [
+        ("b2", 1.0, "b2"),
+        ("eps", 0.0, "eps"),
+        ("weight_decay", -1, "weight"),
+        ("grad_clip", "1", "grad_clip"),
+        ("lr", 1.0, "unknown"),
+    ]:
         with pytest.raises(ConfigError, match=rf"config\.optim\.\w+.*{msg}|{msg}.*"):
             optim.make_optimizer(good | {key: value})
     with pytest.raises(ConfigError, match=r"config\.optim\.b1: required"):
@@ -101,14 +129,34 @@ def test_decay_mask_tiny_model(tiny_params):
     off = [p for p, v in by_path.items() if not v]
     on = [p for p, v in by_path.items() if v]
     last = lambda p: p.rsplit("/", 1)[-1]
-    assert {last(p) for p in off} == {"scale", "A_log", "D", "dt_bias", "x_bias", "B_bias",
-                                      "C_bias", "embedding"}
+    assert {last(p) for p in off} == {
+        "scale",
+        "A_log",
+        "D",
+        "dt_bias",
+        "x_bias",
+        "B_bias",
+        "C_bias",
+        "embedding",
+    }
     assert "embed/embedding" in off and "final_norm/scale" in off
     assert any(p.endswith("q_norm/scale") for p in off)
     assert any(p.endswith("layer/norm/scale") for p in off)  # Mamba2 gated norm
     assert "lm_head/kernel" in on
-    for name in ("q_proj", "k_proj", "o_proj", "wi_gate", "wi_up", "wo", "router", "shared_up",
-                 "in_proj/z", "in_proj/dt", "conv1d/x", "out_proj"):
+    for name in (
+        "q_proj",
+        "k_proj",
+        "o_proj",
+        "wi_gate",
+        "wi_up",
+        "wo",
+        "router",
+        "shared_up",
+        "in_proj/z",
+        "in_proj/dt",
+        "conv1d/x",
+        "out_proj",
+    ):
         assert any(p.endswith(name) for p in on), name
     # A pure dict of the same state (no trailing `value` key) gets the same mask.
     assert _mask_by_path(optim.decay_mask(nnx.to_pure_dict(tiny_params))) == by_path
@@ -117,8 +165,14 @@ def test_decay_mask_tiny_model(tiny_params):
 def test_zero_grad_step_decays_only_masked(tiny_params):
     """With zero gradients Adam's update is 0, so one step only applies decay: decayed leaves shrink
     by (1 - lr * wd), the others stay put."""
-    cfg = {"schedule": (("constant", 1, 0.1),), "b1": 0.9, "b2": 0.95, "eps": 1e-8,
-           "weight_decay": 0.5, "grad_clip": 1.0}
+    cfg = {
+        "schedule": (("constant", 1, 0.1),),
+        "b1": 0.9,
+        "b2": 0.95,
+        "eps": 1e-8,
+        "weight_decay": 0.5,
+        "grad_clip": 1.0,
+    }
     tx = optim.make_optimizer(cfg)
 
     @jax.jit
@@ -135,8 +189,14 @@ def test_zero_grad_step_decays_only_masked(tiny_params):
 
 def test_adamw_with_clipping_matches_hand_computation():
     b1, b2, eps, wd, clip = 0.9, 0.95, 1e-8, 0.1, 1.0
-    cfg = {"schedule": (("constant", 1, 0.1), ("constant", 1, 0.05)), "b1": b1, "b2": b2,
-           "eps": eps, "weight_decay": wd, "grad_clip": clip}
+    cfg = {
+        "schedule": (("constant", 1, 0.1), ("constant", 1, 0.05)),
+        "b1": b1,
+        "b2": b2,
+        "eps": eps,
+        "weight_decay": wd,
+        "grad_clip": clip,
+    }
     tx = optim.make_optimizer(cfg)
     a = {"kernel": np.array([[1.0, 2.0], [3.0, 0.5]]), "scale": np.array([4.0, 0.25])}
     t = {"kernel": np.array([[0.5, -1.0], [0.0, 2.0]]), "scale": np.array([1.0, -2.0])}
@@ -153,7 +213,7 @@ def test_adamw_with_clipping_matches_hand_computation():
         params = optax.apply_updates(params, updates)
 
         g = {k: a[k] * (ref[k] - t[k]) for k in ref}
-        norm = math.sqrt(sum(float(np.sum(v ** 2)) for v in g.values()))
+        norm = math.sqrt(sum(float(np.sum(v**2)) for v in g.values()))
         assert norm > clip  # clipping is exercised
         g = {k: v * clip / norm for k, v in g.items()}
         for k in ref:
@@ -178,15 +238,29 @@ def _strict_lines(path):
 def test_metrics_writer_jsonl_tensorboard_and_resume(tmp_path):
     load = jnp.array([0.5, 1.5, 1.0, 1.0])
     with metrics.MetricsWriter(str(tmp_path)) as w:
-        w.write(10, {"loss": jnp.float32(5.5), "tokens_per_sec": 1234.5, "moe_expert_load": load,
-                     "lr": np.float64(3e-4), "phase": "train"})
+        w.write(
+            10,
+            {
+                "loss": jnp.float32(5.5),
+                "tokens_per_sec": 1234.5,
+                "moe_expert_load": load,
+                "lr": np.float64(3e-4),
+                "phase": "train",
+            },
+        )
         w.write(20, {"loss": 4.25, "grad_norm": float("nan"), "skipped": 0})
     with metrics.MetricsWriter(str(tmp_path)) as w:  # a resumed run appends
         w.write(30, {"loss": 4.0})
     lines = _strict_lines(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in lines] == [10, 20, 30]
-    assert lines[0] == {"step": 10, "loss": 5.5, "tokens_per_sec": 1234.5,
-                        "moe_expert_load": [0.5, 1.5, 1.0, 1.0], "lr": 3e-4, "phase": "train"}
+    assert lines[0] == {
+        "step": 10,
+        "loss": 5.5,
+        "tokens_per_sec": 1234.5,
+        "moe_expert_load": [0.5, 1.5, 1.0, 1.0],
+        "lr": 3e-4,
+        "phase": "train",
+    }
     assert lines[1]["grad_norm"] is None and lines[1]["skipped"] == 0
 
     scalars = metrics.read_tensorboard_scalars(str(tmp_path))
@@ -209,11 +283,22 @@ def test_metrics_writer_non_primary_writes_nothing(tmp_path):
 
 
 # ---------------------------------------------------------------------- throughput / progress
-@pytest.mark.parametrize("kind, peak", [
-    ("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5", 459e12),
-    ("TPU v5p", 459e12), ("TPU v6 lite", 918e12), ("NVIDIA H100 80GB HBM3", 989e12),
-    ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200", 989e12), ("cpu", None), ("TPU v4 lite", None),
-])
+@pytest.mark.parametrize(
+    "kind, peak",
+    [
+        ("TPU v4", 275e12),
+        ("TPU v5 lite", 197e12),
+        ("TPU v5e", 197e12),
+        ("TPU v5", 459e12),
+        ("TPU v5p", 459e12),
+        ("TPU v6 lite", 918e12),
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H200", 989e12),
+        ("cpu", None),
+        ("TPU v4 lite", None),
+    ],
+)
 def test_peak_flops_lookup(kind, peak):
     assert metrics.peak_flops_per_device(kind) == peak
 
@@ -240,8 +325,7 @@ def test_progress_plain_and_tty():
         p.update(20, {"loss": 2.5, "tokens_per_sec": 12345.6, "lr": 3e-4, "other": 1})
         p.update(30, {"loss": jnp.float32(2.25)})
     lines = out.getvalue().splitlines()
-    assert lines == ["step 20/100 | loss 2.5000 | lr 0.0003 | tok/s 12,346",
-                     "step 30/100 | loss 2.2500"]
+    assert lines == ["step 20/100 | loss 2.5000 | lr 0.0003 | tok/s 12,346", "step 30/100 | loss 2.2500"]
     tty = _Tty()
     with metrics.Progress(100, file=tty) as p:
         p.update(50, {"loss": 1.0})

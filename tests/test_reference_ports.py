@@ -97,17 +97,23 @@ def _mamba_case(cfg: ModelConfig, seed: int):
     x = _inputs(cfg.d_model, seed + 1)
     got = _apply(mixer, jnp.asarray(x), jnp.asarray(SEGMENTS))
     want = mamba2_forward(
-        x, fused_from_jax(mixer), heads=cfg.mamba_heads, head_dim=cfg.mamba_head_dim,
-        groups=cfg.mamba_groups, d_state=cfg.mamba_d_state, eps=cfg.norm_eps,
-        dt_limit=cfg.mamba_dt_limit, seq_idx=SEGMENTS)
+        x,
+        fused_from_jax(mixer),
+        heads=cfg.mamba_heads,
+        head_dim=cfg.mamba_head_dim,
+        groups=cfg.mamba_groups,
+        d_state=cfg.mamba_d_state,
+        eps=cfg.norm_eps,
+        dt_limit=cfg.mamba_dt_limit,
+        seq_idx=SEGMENTS,
+    )
     return got, want
 
 
 MAMBA_CASES = {
     "tiny_groups2": {},  # one chunk of 32 plus a partial one
     "groups1_dt_limit": dict(mamba_groups=1, mamba_dt_limit=(0.01, 0.05), mamba_chunk=16),
-    "groups4_chunk8": dict(mamba_heads=8, mamba_head_dim=8, mamba_d_state=8, mamba_groups=4,
-                           mamba_chunk=8),
+    "groups4_chunk8": dict(mamba_heads=8, mamba_head_dim=8, mamba_d_state=8, mamba_groups=4, mamba_chunk=8),
 }
 
 
@@ -127,8 +133,14 @@ def test_mamba2_bf16_compute_close_to_numpy_port():
 def test_fused_layout_shapes():
     cfg = _cfg()
     w = fused_from_jax(_build(Mamba2, cfg, 0))
-    h, p, g, n, k, d = (cfg.mamba_heads, cfg.mamba_head_dim, cfg.mamba_groups, cfg.mamba_d_state,
-                        cfg.mamba_conv, cfg.d_model)
+    h, p, g, n, k, d = (
+        cfg.mamba_heads,
+        cfg.mamba_head_dim,
+        cfg.mamba_groups,
+        cfg.mamba_d_state,
+        cfg.mamba_conv,
+        cfg.d_model,
+    )
     assert w["in_proj_weight"].shape == (2 * h * p + 2 * g * n + h, d)
     assert w["conv1d_weight"].shape == (h * p + 2 * g * n, 1, k)
     assert w["conv1d_bias"].shape == (h * p + 2 * g * n,)
@@ -141,8 +153,13 @@ def test_mamba2_port_segments_are_independent():
     """Sanity check of the port itself: a packed row equals its documents run one by one."""
     cfg = _cfg()
     w = fused_from_jax(_build(Mamba2, cfg, 3))
-    kw = dict(heads=cfg.mamba_heads, head_dim=cfg.mamba_head_dim, groups=cfg.mamba_groups,
-              d_state=cfg.mamba_d_state, eps=cfg.norm_eps)
+    kw = dict(
+        heads=cfg.mamba_heads,
+        head_dim=cfg.mamba_head_dim,
+        groups=cfg.mamba_groups,
+        d_state=cfg.mamba_d_state,
+        eps=cfg.norm_eps,
+    )
     x = _inputs(cfg.d_model, 4)[:1]
     packed = mamba2_forward(x, w, seq_idx=SEGMENTS[:1], **kw)
     for s in (1, 2, 3):
@@ -160,9 +177,15 @@ def _attention_case(cfg: ModelConfig, seed: int):
     positions = jnp.asarray(segment_positions(SEGMENTS), jnp.int32)
     got = _apply(attn, jnp.asarray(x), jnp.asarray(SEGMENTS), positions)
     want = attention_forward(
-        x, weights_from_jax(attn), SEGMENTS, num_heads=cfg.num_heads,
-        num_kv_heads=cfg.num_kv_heads, rope_theta=cfg.rope_theta, rope_alpha=cfg.rope_alpha,
-        eps=cfg.norm_eps)
+        x,
+        weights_from_jax(attn),
+        SEGMENTS,
+        num_heads=cfg.num_heads,
+        num_kv_heads=cfg.num_kv_heads,
+        rope_theta=cfg.rope_theta,
+        rope_alpha=cfg.rope_alpha,
+        eps=cfg.norm_eps,
+    )
     return got, want
 
 

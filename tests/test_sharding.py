@@ -21,13 +21,16 @@ from turbos_jax.train import loss_fn
 
 
 def _mesh(data, expert, model):
-    return sharding.make_mesh({"data": data, "expert": expert, "model": model, "context": 1},
-                              devices=jax.devices()[: data * expert * model])
+    return sharding.make_mesh(
+        {"data": data, "expert": expert, "model": model, "context": 1},
+        devices=jax.devices()[: data * expert * model],
+    )
 
 
 def _allclose(a, b, rtol=2e-4, atol=2e-5):
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol,
-                                                         atol=atol), a, b)
+    jax.tree.map(
+        lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol), a, b
+    )
 
 
 # ------------------------------------------------------------------------------------ mesh config
@@ -40,27 +43,39 @@ def test_make_mesh_fills_minus_one_and_orders_axes():
     assert dict(mesh.shape) == {"data": 1, "expert": 1, "model": 1, "context": 1}
 
 
-@pytest.mark.parametrize("mesh_cfg, match", [
-    ({"data": 2, "expert": 2, "model": 1, "context": 1}, r"^config\.mesh\.data=2: mesh .* = 4 "
-                                                         r"devices, but 8 are present"),
-    ({"data": -1, "expert": -1, "model": 1, "context": 1}, r"^config\.mesh\.expert=-1: at most one"),
-    ({"data": -1, "expert": 0, "model": 1, "context": 1}, r"^config\.mesh\.expert=0: must be a "
-                                                          "positive integer"),
-    ({"data": -1, "expert": 3, "model": 1, "context": 1}, r"^config\.mesh\.data=-1: the other axes"),
-    ({"data": -1, "expert": 1, "model": 1, "context": 2}, r"^config\.mesh\.context=2: context"),
-    ({"data": -1, "expert": 1, "model": 1}, r"^config\.mesh\.context: required key is missing"),
-    ({"data": -1, "expert": 1, "model": 1, "context": 1, "seq": 1}, r"^config\.mesh\.seq: unknown"),
-])
+@pytest.mark.parametrize(
+    "mesh_cfg, match",
+    [
+        (
+            {"data": 2, "expert": 2, "model": 1, "context": 1},
+            r"^config\.mesh\.data=2: mesh .* = 4 "
+            r"devices, but 8 are present",
+        ),
+        ({"data": -1, "expert": -1, "model": 1, "context": 1}, r"^config\.mesh\.expert=-1: at most one"),
+        (
+            {"data": -1, "expert": 0, "model": 1, "context": 1},
+            r"^config\.mesh\.expert=0: must be a "
+            "positive integer",
+        ),
+        ({"data": -1, "expert": 3, "model": 1, "context": 1}, r"^config\.mesh\.data=-1: the other axes"),
+        ({"data": -1, "expert": 1, "model": 1, "context": 2}, r"^config\.mesh\.context=2: context"),
+        ({"data": -1, "expert": 1, "model": 1}, r"^config\.mesh\.context: required key is missing"),
+        ({"data": -1, "expert": 1, "model": 1, "context": 1, "seq": 1}, r"^config\.mesh\.seq: unknown"),
+    ],
+)
 def test_mesh_config_errors_name_the_key(mesh_cfg, match):
     with pytest.raises(ConfigError, match=match):
         sharding.make_mesh(mesh_cfg)
 
 
-@pytest.mark.parametrize("sizes, batch, match", [
-    ((2, 1, 4), 8, r"^config\.model\.num_kv_heads=2: must be divisible by config\.mesh\.model=4$"),
-    ((2, 4, 1), 4, r"^config\.batch_size=4: must be divisible by mesh data x expert = 2 x 4 = 8$"),
-    ((1, 8, 1), 8, None),
-])
+@pytest.mark.parametrize(
+    "sizes, batch, match",
+    [
+        ((2, 1, 4), 8, r"^config\.model\.num_kv_heads=2: must be divisible by config\.mesh\.model=4$"),
+        ((2, 4, 1), 4, r"^config\.batch_size=4: must be divisible by mesh data x expert = 2 x 4 = 8$"),
+        ((1, 8, 1), 8, None),
+    ],
+)
 def test_mesh_checked_against_model_and_batch(sizes, batch, match):
     cfg = ModelConfig.from_config(tiny.get_config().model)
     mesh_cfg = dict(zip(("data", "expert", "model"), sizes, strict=True), context=1)
@@ -69,10 +84,12 @@ def test_mesh_checked_against_model_and_batch(sizes, batch, match):
             sharding.make_mesh(mesh_cfg, model_cfg=cfg, batch_size=batch)
         return
     sharding.make_mesh(mesh_cfg, model_cfg=cfg, batch_size=batch)
-    with pytest.raises(ConfigError, match=r"^config\.model\.num_experts=4: must be divisible "
-                                          r"by config\.mesh\.expert=8$"):
-        sharding.make_mesh(mesh_cfg, model_cfg=dataclasses.replace(cfg, num_experts=4),
-                           batch_size=batch)
+    with pytest.raises(
+        ConfigError,
+        match=r"^config\.model\.num_experts=4: must be divisible "
+        r"by config\.mesh\.expert=8$",
+    ):
+        sharding.make_mesh(mesh_cfg, model_cfg=dataclasses.replace(cfg, num_experts=4), batch_size=batch)
 
 
 def test_shipped_turbos_mesh_fits_the_model():
@@ -85,15 +102,18 @@ def test_shipped_turbos_mesh_fits_the_model():
 # ------------------------------------------------------------------------------------ whole model
 # 4 KV heads and 4 Mamba2 groups so that model=4 meshes divide them (tiny has 2 of each).
 # (8, 1, 1) and (2, 1, 4) add no new code path to (2, 2, 2) / (1, 4, 2): slow-marked.
-MESHES = [pytest.param((8, 1, 1), marks=pytest.mark.slow), (2, 2, 2), (1, 4, 2),
-          pytest.param((2, 1, 4), marks=pytest.mark.slow)]
+MESHES = [
+    pytest.param((8, 1, 1), marks=pytest.mark.slow),
+    (2, 2, 2),
+    (1, 4, 2),
+    pytest.param((2, 1, 4), marks=pytest.mark.slow),
+]
 
 
 @pytest.fixture(scope="module")
 def model_setup():
     cfg = ModelConfig.from_config(tiny.get_config().model)
-    cfg = dataclasses.replace(cfg, num_kv_heads=4, mamba_groups=4, layout="AFMF" * 2,
-                              capacity_factor=1.0)
+    cfg = dataclasses.replace(cfg, num_kv_heads=4, mamba_groups=4, layout="AFMF" * 2, capacity_factor=1.0)
     model = TurbosModel(cfg, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
     rng = np.random.default_rng(0)
@@ -101,9 +121,13 @@ def model_setup():
     seg = np.ones((8, 32), np.int32)
     seg[1, 20:] = 2  # two documents in row 1
     seg[3, 28:] = 0  # padding at the end of row 3
-    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": seg,
-             "positions": np.asarray(segment_positions(jnp.asarray(seg))),
-             "loss_mask": (seg != 0).astype(np.int32)}
+    batch = {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "segment_ids": seg,
+        "positions": np.asarray(segment_positions(jnp.asarray(seg))),
+        "loss_mask": (seg != 0).astype(np.int32),
+    }
     grad_fn = jax.value_and_grad(lambda p, b: loss_fn(p, graphdef, b), has_aux=True)
     (loss, (ce, aux)), grads = jax.jit(grad_fn)(params, batch)
     return cfg, graphdef, params, batch, grad_fn, (loss, grads)
@@ -129,8 +153,7 @@ def test_loss_and_grads_match_single_device(model_setup, sizes):
     np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
     _allclose(grads, ref_grads)
     wi = grads["period"][1]["layer"]["wi_gate"]
-    assert wi.sharding.is_equivalent_to(
-        NamedSharding(mesh, P(None, "expert", "data", "model")), wi.ndim)
+    assert wi.sharding.is_equivalent_to(NamedSharding(mesh, P(None, "expert", "data", "model")), wi.ndim)
 
 
 def test_param_and_optimizer_shardings_on_2x2x2():
@@ -159,12 +182,14 @@ def test_param_and_optimizer_shardings_on_2x2x2():
     assert attn["k_proj"][...].sharding.spec == P(None, "data", "model", None)
     assert state["params"]["embed"]["embedding"][...].sharding.spec == P("model", "data")
     # Adam moments are sharded like their parameters (ZeRO): find mu / nu for wi_gate.
-    moments = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state["opt_state"])
-               if "wi_gate" in jax.tree_util.keystr(path)]
+    moments = [
+        leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(state["opt_state"])
+        if "wi_gate" in jax.tree_util.keystr(path)
+    ]
     assert len(moments) >= 2
     for m in moments:
-        assert m.sharding.is_equivalent_to(
-            NamedSharding(mesh, P(None, "expert", "data", "model")), m.ndim)
+        assert m.sharding.is_equivalent_to(NamedSharding(mesh, P(None, "expert", "data", "model")), m.ndim)
     # Each device holds 1/8 of the expert weights.
     wi = moe["wi_gate"][...]
     assert wi.addressable_shards[0].data.size * 8 == wi.size
@@ -186,14 +211,15 @@ def _moe_setup(capacity_factor):
         y, aux = nnx.merge(graphdef, params)(x, valid)
         return jnp.sum(y * cot) + aux["moe_lb_loss"], (y, aux)
 
-    return cfg, graphdef, params, x, jnp.asarray(valid), jax.value_and_grad(f, argnums=(0, 1),
-                                                                            has_aux=True)
+    return cfg, graphdef, params, x, jnp.asarray(valid), jax.value_and_grad(f, argnums=(0, 1), has_aux=True)
 
 
 @pytest.mark.parametrize("capacity_factor", [1.0, 0.5, 0.0])
-@pytest.mark.parametrize("sizes", [(2, 2, 2), (1, 4, 2),
-                                   pytest.param((1, 8, 1), marks=pytest.mark.slow)],
-                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "sizes",
+    [(2, 2, 2), (1, 4, 2), pytest.param((1, 8, 1), marks=pytest.mark.slow)],
+    ids=lambda s: "x".join(map(str, s)),
+)
 def test_expert_parallel_matches_single_device(sizes, capacity_factor):
     cfg, graphdef, params, x, valid, vg = _moe_setup(capacity_factor)
     (ref_val, (ref_y, ref_aux)), ref_grads = jax.jit(vg)(params, x, valid)
@@ -219,8 +245,7 @@ def test_expert_parallel_none_uses_gspmd(capacity_factor):
     mode = "none"
     cfg, *_ = _moe_setup(capacity_factor)
     _, graphdef, params, x, valid, _ = _moe_setup(capacity_factor)
-    graphdef, params = nnx.split(MoEFFN(dataclasses.replace(cfg, expert_parallel=mode),
-                                        rngs=nnx.Rngs(1)))
+    graphdef, params = nnx.split(MoEFFN(dataclasses.replace(cfg, expert_parallel=mode), rngs=nnx.Rngs(1)))
     apply = lambda p: nnx.merge(graphdef, p)(x, valid)[0]
     with jax.set_mesh(_mesh(2, 2, 2)):
         y = jax.jit(apply)(params)
@@ -236,8 +261,9 @@ def test_dropless_expert_parallel_compiles_for_tpu_with_ragged_all_to_all():
     from tpu_aot import tpu_devices
 
     cfg, graphdef, params, x, valid, vg = _moe_setup(0.0)
-    mesh = sharding.make_mesh({"data": 1, "expert": 2, "model": 2, "context": 1},
-                              devices=tpu_devices("v5p:2x2x1"))
+    mesh = sharding.make_mesh(
+        {"data": 1, "expert": 2, "model": 2, "context": 1}, devices=tpu_devices("v5p:2x2x1")
+    )
     tok = NamedSharding(mesh, P(("data", "expert")))
     abstract = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=tok)
     with jax.set_mesh(mesh):

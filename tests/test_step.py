@@ -21,8 +21,12 @@ from turbos_jax.step import _accumulated_grads, loss_fn, make_train_step
 @pytest.fixture(scope="module")
 def setup():
     # Aux-loss weights 0: the load-balance loss is a batch statistic, defined per microbatch.
-    cfg = dataclasses.replace(ModelConfig.from_config(tiny.get_config().model), layout="AFMF",
-                              aux_loss_weight=0.0, z_loss_weight=0.0)
+    cfg = dataclasses.replace(
+        ModelConfig.from_config(tiny.get_config().model),
+        layout="AFMF",
+        aux_loss_weight=0.0,
+        z_loss_weight=0.0,
+    )
     graphdef, params = nnx.split(TurbosModel(cfg, rngs=nnx.Rngs(1)))
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, (8, 25)).astype(np.int32)
@@ -30,30 +34,40 @@ def setup():
     seg[2, 10:] = 2
     seg[5, 17:] = 0  # padding: microbatches hold different numbers of targets
     seg[6, 3:] = 0
-    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": seg,
-             "positions": np.asarray(segment_positions(jnp.asarray(seg))),
-             "loss_mask": (seg != 0).astype(np.float32)}
+    batch = {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "segment_ids": seg,
+        "positions": np.asarray(segment_positions(jnp.asarray(seg))),
+        "loss_mask": (seg != 0).astype(np.float32),
+    }
     grad_fn = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, graphdef, b), has_aux=True))
     return cfg, graphdef, params, batch, grad_fn(params, batch)
 
 
 def _close(a, b):
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-4,
-                                                         atol=1e-6), a, b)
+    jax.tree.map(
+        lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-4, atol=1e-6), a, b
+    )
 
 
 @pytest.mark.parametrize("sizes, accum", [((1, 1, 1), 2), ((1, 1, 1), 4), ((2, 2, 1), 2)])
 def test_accumulated_grads_equal_full_batch(setup, sizes, accum):
     cfg, graphdef, params, batch, ((ref_loss, (ref_ce, _)), ref_grads) = setup
     n = int(np.prod(sizes))
-    mesh = sharding.make_mesh(dict(zip(("data", "expert", "model"), sizes, strict=True), context=1),
-                              devices=jax.devices()[:n], model_cfg=cfg, batch_size=8,
-                              grad_accum_steps=accum)
+    mesh = sharding.make_mesh(
+        dict(zip(("data", "expert", "model"), sizes, strict=True), context=1),
+        devices=jax.devices()[:n],
+        model_cfg=cfg,
+        batch_size=8,
+        grad_accum_steps=accum,
+    )
     batch_sh = NamedSharding(mesh, P(("data", "expert")))
     fn = jax.jit(lambda p, b: _accumulated_grads(p, graphdef, b, accum, batch_sh))
     with jax.set_mesh(mesh):
-        (loss, (ce, aux)), grads = fn(jax.device_put(params, sharding.named_shardings(params, mesh)),
-                                      jax.device_put(batch, batch_sh))
+        (loss, (ce, aux)), grads = fn(
+            jax.device_put(params, sharding.named_shardings(params, mesh)), jax.device_put(batch, batch_sh)
+        )
     np.testing.assert_allclose(float(ce), float(ref_ce), rtol=1e-5)
     np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
     assert np.isfinite(float(aux["moe_lb_loss"]))
@@ -64,8 +78,7 @@ def test_train_step_with_accumulation_matches_one_batch(setup):
     cfg, graphdef, params, batch, _ = setup
     tx = optim.make_optimizer(tiny.get_config().optim)
     schedule = optim.make_schedule(tiny.get_config().optim.schedule)
-    mesh = sharding.make_mesh({"data": 1, "expert": 1, "model": 1, "context": 1},
-                              devices=jax.devices()[:1])
+    mesh = sharding.make_mesh({"data": 1, "expert": 1, "model": 1, "context": 1}, devices=jax.devices()[:1])
     batch_sh = NamedSharding(mesh, P(("data", "expert")))
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
     outs = []
@@ -83,13 +96,20 @@ def test_grad_accum_steps_is_checked():
     config = tiny.get_config()
     with config.unlocked():
         config.grad_accum_steps = 3
-    with pytest.raises(ConfigError, match=r"^config\.grad_accum_steps=3: must divide "
-                                          r"config\.batch_size=8$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^config\.grad_accum_steps=3: must divide "
+        r"config\.batch_size=8$",
+    ):
         check_train_config(config)
-    with pytest.raises(ConfigError, match=r"^config\.batch_size=8: must be divisible by mesh data x "
-                                          r"expert = 4 x 2 x grad_accum_steps 2 = 16$"):
-        sharding.check_mesh({"data": 4, "expert": 2, "model": 1, "context": 1}, batch_size=8,
-                            grad_accum_steps=2)
+    with pytest.raises(
+        ConfigError,
+        match=r"^config\.batch_size=8: must be divisible by mesh data x "
+        r"expert = 4 x 2 x grad_accum_steps 2 = 16$",
+    ):
+        sharding.check_mesh(
+            {"data": 4, "expert": 2, "model": 1, "context": 1}, batch_size=8, grad_accum_steps=2
+        )
     bad = ml_collections.ConfigDict(tiny.get_config().to_dict())
     del bad["grad_accum_steps"]
     with pytest.raises(ConfigError, match=r"^config\.grad_accum_steps: required key is missing"):

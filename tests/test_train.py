@@ -18,8 +18,13 @@ from turbos_jax.config import ConfigError
 from turbos_jax.metrics import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["--config.batch_size=4", "--config.seq_len=64", "--config.log_every_steps=1",
-         "--config.checkpoint_every_steps=10", "--config.eval_every_steps=0"]
+SMALL = [
+    "--config.batch_size=4",
+    "--config.seq_len=64",
+    "--config.log_every_steps=1",
+    "--config.checkpoint_every_steps=10",
+    "--config.eval_every_steps=0",
+]
 
 
 def _env():
@@ -27,8 +32,11 @@ def _env():
     # One device in the subprocesses (the in-process tests below run on the 8 fake devices).
     # These runs execute real steps, so they keep XLA's default optimisation level.
     flags = env.get("XLA_FLAGS", "").split()
-    env["XLA_FLAGS"] = " ".join(f for f in flags if not f.startswith(
-        ("--xla_force_host_platform_device_count", "--xla_backend_optimization_level")))
+    env["XLA_FLAGS"] = " ".join(
+        f
+        for f in flags
+        if not f.startswith(("--xla_force_host_platform_device_count", "--xla_backend_optimization_level"))
+    )
     # Share compiled programs between the runs below (same shapes => same executables).
     import jax
 
@@ -39,21 +47,30 @@ def _env():
 
 
 def _cmd(workdir, *extra, small=True):
-    return [sys.executable, "-m", "turbos_jax.train", "--config=configs/tiny.py",
-            f"--workdir={workdir}", *(SMALL if small else ()), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "turbos_jax.train",
+        "--config=configs/tiny.py",
+        f"--workdir={workdir}",
+        *(SMALL if small else ()),
+        *extra,
+    ]
 
 
 def _run(workdir, *extra, check=True, small=True):
-    out = subprocess.run(_cmd(workdir, *extra, small=small), cwd=ROOT, env=_env(),
-                         capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        _cmd(workdir, *extra, small=small), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600
+    )
     if check and out.returncode:
         raise AssertionError(out.stderr[-3000:])
     return out
 
 
 def _start(workdir, *extra):
-    return subprocess.Popen(_cmd(workdir, *extra), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        _cmd(workdir, *extra), cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _wait_for_checkpoint(workdir, step, proc, timeout=300):
@@ -66,16 +83,14 @@ def _wait_for_checkpoint(workdir, step, proc, timeout=300):
 
 
 def _params(workdir, step):
-    state = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step),
-                                                            "state"))
+    state = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
     import jax
 
     return jax.tree.leaves(state["params"])
 
 
 def _losses(workdir):
-    return {r["step"]: r["loss"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-            if "loss" in r}
+    return {r["step"]: r["loss"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss" in r}
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +110,7 @@ def runs(tmp_path_factory):
     _wait_for_checkpoint(broken, 20, proc)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=300)
-    return {"straight": straight, "broken": broken, "term_rc": proc.returncode,
-            "term_out": stdout + stderr}
+    return {"straight": straight, "broken": broken, "term_rc": proc.returncode, "term_out": stdout + stderr}
 
 
 def test_resume_after_sigkill_is_bitwise_identical(runs):
@@ -112,8 +126,7 @@ def test_resume_after_sigkill_is_bitwise_identical(runs):
 def test_sigterm_saves_and_exits_cleanly(runs):
     assert runs["term_rc"] == 0, runs["term_out"][-2000:]
     assert "SIGTERM: saved checkpoint at step" in runs["term_out"]
-    steps = [int(d) for d in os.listdir(os.path.join(runs["broken"], "checkpoints"))
-             if d.isdigit()]
+    steps = [int(d) for d in os.listdir(os.path.join(runs["broken"], "checkpoints")) if d.isdigit()]
     assert max(steps) >= 20
 
 
@@ -140,14 +153,13 @@ def test_damaged_latest_checkpoint_falls_back(runs, tmp_path):
 def test_bad_inputs_give_one_line_errors(tmp_path):
     out = _run(str(tmp_path / "a"), "--config.total_steps=-5", check=False)
     assert out.returncode != 0
-    assert out.stderr.strip().splitlines()[-1] == (
-        "error: config.total_steps=-5: must be a positive integer")
+    assert out.stderr.strip().splitlines()[-1] == ("error: config.total_steps=-5: must be a positive integer")
     out = _run(str(tmp_path / "c"), "--config.optim.bogus=1", check=False)
     assert out.returncode == 1
     assert out.stderr.strip().splitlines()[-1] == (
-        "error: --config.optim.bogus: the config has no key 'bogus'")
-    out = _run(str(tmp_path / "b"), "--config.data.sources.embedded=/no/such/file.jsonl",
-               check=False)
+        "error: --config.optim.bogus: the config has no key 'bogus'"
+    )
+    out = _run(str(tmp_path / "b"), "--config.data.sources.embedded=/no/such/file.jsonl", check=False)
     last = out.stderr.strip().splitlines()[-1]
     assert out.returncode != 0 and last.startswith("error: ") and "/no/such/file.jsonl" in last
 

@@ -17,12 +17,29 @@ SCRIPT = os.path.join(ROOT, "benchmarks", "train_step_throughput.py")
 def test_jax_rows_compiled_then_from_cache():
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
     env["JAX_PLATFORMS"] = "cpu"
-    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                                if not f.startswith("--xla_force_host_platform_device_count"))
+    env["XLA_FLAGS"] = " ".join(
+        f
+        for f in env.get("XLA_FLAGS", "").split()
+        if not f.startswith("--xla_force_host_platform_device_count")
+    )
     proc = subprocess.run(
-        [sys.executable, SCRIPT, "--impls=jax", "--warmup=1", "--steps=2", "--windows=1",
-         "--batch_size=2", "--seq_len=32", "--json"],
-        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+        [
+            sys.executable,
+            SCRIPT,
+            "--impls=jax",
+            "--warmup=1",
+            "--steps=2",
+            "--windows=1",
+            "--batch_size=2",
+            "--seq_len=32",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     report = json.loads(proc.stdout)
     rows = {r["jax_variant"]: r for r in report["results"]}

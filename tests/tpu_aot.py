@@ -38,8 +38,10 @@ def tpu_devices(topology: str = "v5p:2x2x1"):
     try:
         return topologies.get_topology_desc(topology, "tpu").devices
     except Exception as e:  # noqa: BLE001 - libtpu missing raises plain RuntimeErrors
-        pytest.skip(f"no libtpu to describe {topology} ({str(e).strip()[:120]}); "
-                    "pip install 'jax[tpu]' or set TURBOS_TEST_LIBTPU_PATH")
+        pytest.skip(
+            f"no libtpu to describe {topology} ({str(e).strip()[:120]}); "
+            "pip install 'jax[tpu]' or set TURBOS_TEST_LIBTPU_PATH"
+        )
 
 
 def compile_for_tpu(fn, *abstract_args, topology: str = "v5p:2x2x1") -> str:
@@ -47,8 +49,10 @@ def compile_for_tpu(fn, *abstract_args, topology: str = "v5p:2x2x1") -> str:
     inside a one-device shard_map; returns the compiled HLO text."""
     mesh = Mesh(tpu_devices(topology)[:1], ("x",))
     replicated = NamedSharding(mesh, P())
-    args = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated) if a is not None else None
-            for a in abstract_args]
+    args = [
+        jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated) if a is not None else None
+        for a in abstract_args
+    ]
     mapped = jax.shard_map(fn, mesh=mesh, in_specs=P(), out_specs=P(), check_vma=False)
     return jax.jit(mapped).lower(*args).compile().as_text()
 

@@ -60,7 +60,8 @@ def count_params(cfg: ModelConfig, model=None) -> ParamCounts:
     by_kind: dict[str, int] = {}
     routed = matmul = 0
     for path, leaf in jax.tree_util.tree_leaves_with_path(
-            state, is_leaf=lambda v: isinstance(v, nnx.Variable)):
+        state, is_leaf=lambda v: isinstance(v, nnx.Variable)
+    ):
         keys = [getattr(k, "key", getattr(k, "idx", k)) for k in path]
         size = int(np.prod(leaf.get_value().shape))
         kind = _symbol_of(keys, cfg)
@@ -72,8 +73,13 @@ def count_params(cfg: ModelConfig, model=None) -> ParamCounts:
             matmul += size
     total = sum(by_kind.values())
     active_routed = routed * cfg.top_k // cfg.num_experts
-    return ParamCounts(total=total, active=total - routed + active_routed, by_kind=by_kind,
-                       routed_experts=routed, matmul_active=matmul + active_routed)
+    return ParamCounts(
+        total=total,
+        active=total - routed + active_routed,
+        by_kind=by_kind,
+        routed_experts=routed,
+        matmul_active=matmul + active_routed,
+    )
 
 
 def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
@@ -122,8 +128,12 @@ def summarize(cfg: ModelConfig, seq_len: int) -> dict:
     return {
         "layers": cfg.layer_counts(),
         "num_layers": len(cfg.layout),
-        "layout": {"prefix": split.prefix, "period": split.period, "repeats": split.repeats,
-                   "suffix": split.suffix},
+        "layout": {
+            "prefix": split.prefix,
+            "period": split.period,
+            "repeats": split.repeats,
+            "suffix": split.suffix,
+        },
         "params_total": counts.total,
         "params_active": counts.active,
         "params_by_kind": {LAYER_SYMBOLS.get(k, k): v for k, v in counts.by_kind.items()},

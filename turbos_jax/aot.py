@@ -46,8 +46,7 @@ _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v5p:2x2x1, v4
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
 
 GiB = 1024**3
-HBM_BYTES = {"v4": 32 * GiB, "v5e": 16 * GiB, "v5litepod": 16 * GiB, "v5p": 95 * GiB,
-             "v6e": 32 * GiB}
+HBM_BYTES = {"v4": 32 * GiB, "v5e": 16 * GiB, "v5litepod": 16 * GiB, "v5p": 95 * GiB, "v6e": 32 * GiB}
 
 
 class AotError(cli.UserError):
@@ -63,8 +62,10 @@ def topology_devices(topology: str):
         return topologies.get_topology_desc(topology, "tpu").devices
     except Exception as e:  # noqa: BLE001 - libtpu's errors are plain RuntimeErrors
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise AotError(f"--topology={topology!r}: cannot describe the TPU slice ({first}); "
-                       "it needs libtpu: pip install 'jax[tpu]==0.10.2'") from e
+        raise AotError(
+            f"--topology={topology!r}: cannot describe the TPU slice ({first}); "
+            "it needs libtpu: pip install 'jax[tpu]==0.10.2'"
+        ) from e
 
 
 def analyse(config, topology: str) -> dict:
@@ -76,21 +77,32 @@ def analyse(config, topology: str) -> dict:
         model_cfg = dataclasses.replace(model_cfg, kernel_impl="pallas")
     check_train_config(config)
     devices = topology_devices(topology)
-    mesh = sharding.make_mesh(config.mesh, devices, model_cfg=model_cfg,
-                              batch_size=config.batch_size,
-                              grad_accum_steps=config.grad_accum_steps)
+    mesh = sharding.make_mesh(
+        config.mesh,
+        devices,
+        model_cfg=model_cfg,
+        batch_size=config.batch_size,
+        grad_accum_steps=config.grad_accum_steps,
+    )
     graphdef, tx, schedule, init_state, abstract_state = train_setup(config, model_cfg)
     state_shardings = sharding.named_shardings(abstract_state, mesh)
     batch_sharding = NamedSharding(mesh, P(("data", "expert")))
     shape = (config.batch_size, config.seq_len)
-    batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_mask" else jnp.int32,
-                                     sharding=batch_sharding)
-             for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")}
+    batch = {
+        k: jax.ShapeDtypeStruct(
+            shape, jnp.float32 if k == "loss_mask" else jnp.int32, sharding=batch_sharding
+        )
+        for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+    }
     train_step = make_train_step(graphdef, tx, schedule, batch_sharding, config.grad_accum_steps)
     with jax.set_mesh(mesh):
         state = sharding.sharded_abstract(abstract_state, mesh)
-        step = jax.jit(train_step, in_shardings=(state_shardings, None),
-                       out_shardings=(state_shardings, None), donate_argnums=(0,))
+        step = jax.jit(
+            train_step,
+            in_shardings=(state_shardings, None),
+            out_shardings=(state_shardings, None),
+            donate_argnums=(0,),
+        )
         try:
             compiled = step.lower(state, batch).compile()
         except Exception as e:  # noqa: BLE001 - Mosaic/XLA raise several exception types
@@ -104,7 +116,8 @@ def analyse(config, topology: str) -> dict:
                     f"--topology={topology}: the step with config.model.kernel_impl="
                     f"{config.model.kernel_impl} (Pallas kernels) does not compile: "
                     f"{type(e).__name__}: {first[:300]}; --config.model.kernel_impl=xla "
-                    "compiles it with the reference ops") from e
+                    "compiles it with the reference ops"
+                ) from e
             else:
                 raise
 
@@ -120,8 +133,7 @@ def analyse(config, topology: str) -> dict:
         "hbm_bytes": hbm,
     }
     if compiled is None:  # the TPU compiler itself proved it does not fit
-        return report | {"per_device_bytes": None, "flops_per_device": None, "fits": False,
-                         "error": error}
+        return report | {"per_device_bytes": None, "flops_per_device": None, "fits": False, "error": error}
 
     mem = compiled.memory_analysis()
     per_device = {
@@ -131,9 +143,13 @@ def analyse(config, topology: str) -> dict:
         "generated_code": int(mem.generated_code_size_in_bytes),
         "aliased": int(mem.alias_size_in_bytes),
     }
-    per_device["total"] = (per_device["arguments"] + per_device["outputs"]
-                           + per_device["temporaries"] + per_device["generated_code"]
-                           - per_device["aliased"])
+    per_device["total"] = (
+        per_device["arguments"]
+        + per_device["outputs"]
+        + per_device["temporaries"]
+        + per_device["generated_code"]
+        - per_device["aliased"]
+    )
     hlo = compiled.as_text()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -148,10 +164,12 @@ def analyse(config, topology: str) -> dict:
 
 def format_table(r: dict) -> str:
     gib = lambda b: f"{b / GiB:10.3f} GiB"
-    lines = [f"topology   {r['topology']} ({r['devices']} devices, {r['device_kind']})",
-             f"mesh       {r['mesh']}",
-             f"batch      {r['batch_size']} x {r['seq_len']}",
-             "per device:"]
+    lines = [
+        f"topology   {r['topology']} ({r['devices']} devices, {r['device_kind']})",
+        f"mesh       {r['mesh']}",
+        f"batch      {r['batch_size']} x {r['seq_len']}",
+        "per device:",
+    ]
     if r["per_device_bytes"] is None:
         lines.append(f"  does not compile: {r['error']}")
     else:
@@ -171,8 +189,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if _CONFIG.value is None or not _TOPOLOGY.value:
-        raise app.UsageError("--config and --topology are required, e.g. "
-                             "--config=configs/tiny.py --topology=v5p:2x2x1")
+        raise app.UsageError(
+            "--config and --topology are required, e.g. --config=configs/tiny.py --topology=v5p:2x2x1"
+        )
     r = analyse(_CONFIG.value, _TOPOLOGY.value)
     print(json.dumps(r, indent=2) if _JSON.value else format_table(r))
 

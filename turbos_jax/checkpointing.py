@@ -45,10 +45,9 @@ class Checkpointer:
     def __init__(self, directory: str, *, keep: int, async_save: bool = True):
         self.directory = os.path.abspath(directory)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True)
-        self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                              item_names=("state", "data"))
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save, cleanup_tmp_directories=True
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -59,9 +58,11 @@ class Checkpointer:
             return False
         return self._manager.save(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                    data=grain.checkpoint.CheckpointSave(data_iterator)),
-            force=force)
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)
+            ),
+            force=force,
+        )
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
@@ -76,15 +77,24 @@ class Checkpointer:
                     step,
                     args=ocp.args.Composite(
                         state=ocp.args.StandardRestore(abstract_state),
-                        data=grain.checkpoint.CheckpointRestore(data_iterator)))
+                        data=grain.checkpoint.CheckpointRestore(data_iterator),
+                    ),
+                )
             except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
                 reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
                 moved = self._move_aside(step)
-                logging.warning("checkpoint step %d in %s is unreadable (%s); moved to %s, "
-                                "trying the previous one", step, self.directory, reason, moved)
-                print(f"warning: checkpoint step {step} is unreadable ({type(e).__name__}); "
-                      f"moved aside to {moved}, falling back to the previous checkpoint",
-                      flush=True)
+                logging.warning(
+                    "checkpoint step %d in %s is unreadable (%s); moved to %s, trying the previous one",
+                    step,
+                    self.directory,
+                    reason,
+                    moved,
+                )
+                print(
+                    f"warning: checkpoint step {step} is unreadable ({type(e).__name__}); "
+                    f"moved aside to {moved}, falling back to the previous checkpoint",
+                    flush=True,
+                )
                 continue
             return step, restored["state"]
         return None, None
@@ -94,13 +104,17 @@ class Checkpointer:
         process count (grain names the files process_<i>-of-<n>.json). Every process sees the same
         files, so all of them raise together instead of some moving the step aside."""
         files = glob.glob(os.path.join(self.directory, str(step), "data", "process_*-of-*.json"))
-        counts = {int(m.group(1)) for f in files
-                  if (m := re.fullmatch(r"process_\d+-of-(\d+)\.json", os.path.basename(f)))}
+        counts = {
+            int(m.group(1))
+            for f in files
+            if (m := re.fullmatch(r"process_\d+-of-(\d+)\.json", os.path.basename(f)))
+        }
         if counts and jax.process_count() not in counts:
             raise ProcessCountMismatchError(
                 f"checkpoint step {step} in {self.directory} was saved by {max(counts)} process(es) "
                 f"but this job has {jax.process_count()}: the data iterator's position is per "
-                "process, so resume with the same number of processes (the mesh shape may change)")
+                "process, so resume with the same number of processes (the mesh shape may change)"
+            )
 
     def _move_aside(self, step: int) -> str:
         src = os.path.join(self.directory, str(step))

@@ -47,11 +47,15 @@ def enable(path: str) -> str | None:
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError as e:
-        raise ConfigError(f"config.{CONFIG_KEY}={path!r}: cannot create the directory "
-                          f"({e.strerror or type(e).__name__}); set another path, or '' to "
-                          "compile every run") from None
+        raise ConfigError(
+            f"config.{CONFIG_KEY}={path!r}: cannot create the directory "
+            f"({e.strerror or type(e).__name__}); set another path, or '' to "
+            "compile every run"
+        ) from None
     if not os.access(directory, os.W_OK):
-        raise ConfigError(f"config.{CONFIG_KEY}={path!r}: directory is not writable; set another "
-                          "path, or '' to compile every run")
+        raise ConfigError(
+            f"config.{CONFIG_KEY}={path!r}: directory is not writable; set another "
+            "path, or '' to compile every run"
+        )
     jax.config.update("jax_compilation_cache_dir", directory)
     return directory

@@ -156,9 +156,22 @@ class ModelConfig:
         bad = sorted(set(self.layout) - set(LAYER_SYMBOLS))
         if bad:
             fail("layout", f"unknown layer symbol {bad[0]!r}; use {sorted(LAYER_SYMBOLS)}")
-        for key in ("vocab_size", "d_model", "num_heads", "num_kv_heads", "head_dim", "mamba_heads",
-                    "mamba_head_dim", "mamba_groups", "mamba_d_state", "mamba_chunk", "mamba_conv",
-                    "num_experts", "top_k", "expert_dim"):
+        for key in (
+            "vocab_size",
+            "d_model",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "mamba_heads",
+            "mamba_head_dim",
+            "mamba_groups",
+            "mamba_d_state",
+            "mamba_chunk",
+            "mamba_conv",
+            "num_experts",
+            "top_k",
+            "expert_dim",
+        ):
             if int(getattr(self, key)) <= 0:
                 fail(key, "must be a positive integer")
         if self.num_shared_experts < 0:
@@ -202,13 +215,31 @@ def check_train_config(config) -> None:
     def fail(key, msg):
         raise ConfigError(f"config.{key}={config[key]!r}: {msg}")
 
-    for key in ("seed", "total_steps", "batch_size", "grad_accum_steps", "seq_len", "log_every_steps",
-                "eval_every_steps", "eval_batches", "checkpoint_every_steps", "keep_checkpoints",
-                "on_nonfinite", "compilation_cache_dir"):
+    for key in (
+        "seed",
+        "total_steps",
+        "batch_size",
+        "grad_accum_steps",
+        "seq_len",
+        "log_every_steps",
+        "eval_every_steps",
+        "eval_batches",
+        "checkpoint_every_steps",
+        "keep_checkpoints",
+        "on_nonfinite",
+        "compilation_cache_dir",
+    ):
         if key not in config:
             raise ConfigError(f"config.{key}: required key is missing")
-    for key in ("total_steps", "batch_size", "grad_accum_steps", "seq_len", "log_every_steps",
-                "checkpoint_every_steps", "keep_checkpoints"):
+    for key in (
+        "total_steps",
+        "batch_size",
+        "grad_accum_steps",
+        "seq_len",
+        "log_every_steps",
+        "checkpoint_every_steps",
+        "keep_checkpoints",
+    ):
         if not isinstance(config[key], int) or config[key] <= 0:
             fail(key, "must be a positive integer")
     if config.batch_size % config.grad_accum_steps:

@@ -30,19 +30,27 @@ from absl import flags
 from turbos_jax import cli
 
 _COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None,
+    "coordinator_address",
+    None,
     "HOST:PORT of process 0's coordination service, identical on every process (multi-host; "
-    "default: $JAX_COORDINATOR_ADDRESS, or auto-detected on TPU pods / Slurm / Open MPI).")
+    "default: $JAX_COORDINATOR_ADDRESS, or auto-detected on TPU pods / Slurm / Open MPI).",
+)
 _NUM_PROCESSES = flags.DEFINE_integer(
-    "num_processes", None, "Number of processes in the job (default: $JAX_NUM_PROCESSES or auto).")
+    "num_processes", None, "Number of processes in the job (default: $JAX_NUM_PROCESSES or auto)."
+)
 _PROCESS_ID = flags.DEFINE_integer(
-    "process_id", None, "This process's index in [0, num_processes) (default: $JAX_PROCESS_ID or auto).")
+    "process_id", None, "This process's index in [0, num_processes) (default: $JAX_PROCESS_ID or auto)."
+)
 
-ENV = {"coordinator_address": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
-       "process_id": "JAX_PROCESS_ID"}
+ENV = {
+    "coordinator_address": "JAX_COORDINATOR_ADDRESS",
+    "num_processes": "JAX_NUM_PROCESSES",
+    "process_id": "JAX_PROCESS_ID",
+}
 _GOOGLE_PCI_VENDOR = "0x1ae0"  # TPU chips show up as Google PCI devices on a Cloud TPU VM
-_METADATA_URL = ("http://metadata.google.internal/computeMetadata/v1/instance/attributes/"
-                 "worker-network-endpoints")
+_METADATA_URL = (
+    "http://metadata.google.internal/computeMetadata/v1/instance/attributes/worker-network-endpoints"
+)
 
 
 class DistributedError(cli.UserError):
@@ -96,8 +104,11 @@ def detect_cluster(environ=None) -> str | None:
     """The multi-process cluster environment JAX can configure itself from, or None."""
     environ = os.environ if environ is None else environ
     slurm = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
-    if all(k in environ for k in slurm) and environ["SLURM_NTASKS"].strip().isdigit() \
-            and int(environ["SLURM_NTASKS"]) > 1:
+    if (
+        all(k in environ for k in slurm)
+        and environ["SLURM_NTASKS"].strip().isdigit()
+        and int(environ["SLURM_NTASKS"]) > 1
+    ):
         return "slurm"
     size = environ.get("OMPI_COMM_WORLD_SIZE", "").strip()
     if "OMPI_MCA_orte_hnp_uri" in environ and size.isdigit() and int(size) > 1:
@@ -107,8 +118,13 @@ def detect_cluster(environ=None) -> str | None:
     return None
 
 
-def resolve(coordinator_address=None, num_processes=None, process_id=None, environ=None,
-            cluster: str | None = "detect") -> dict | None:
+def resolve(
+    coordinator_address=None,
+    num_processes=None,
+    process_id=None,
+    environ=None,
+    cluster: str | None = "detect",
+) -> dict | None:
     """The keyword arguments for `jax.distributed.initialize`, or None for a single process.
 
     Raises DistributedError (one line naming the flag or variable) for an inconsistent combination.
@@ -139,14 +155,27 @@ def resolve(coordinator_address=None, num_processes=None, process_id=None, envir
     if None in (addr, n, pid):
         cluster = detect_cluster(environ) if cluster == "detect" else cluster
         if not cluster:  # JAX could only fill the gaps from a cluster environment
-            missing = [name for name, v in (("--coordinator_address", addr), ("--num_processes", n),
-                                            ("--process_id", pid)) if v is None]
-            given = next(name for name, v in ((addr_name, addr), (n_name, n), (pid_name, pid))
-                         if v is not None)
-            raise DistributedError(f"{given} also needs {' and '.join(missing)} (or the matching "
-                                   "JAX_* environment variables) outside a TPU pod / Slurm / MPI job")
-    return {k: v for k, v in (("coordinator_address", addr), ("num_processes", n),
-                              ("process_id", pid)) if v is not None}
+            missing = [
+                name
+                for name, v in (
+                    ("--coordinator_address", addr),
+                    ("--num_processes", n),
+                    ("--process_id", pid),
+                )
+                if v is None
+            ]
+            given = next(
+                name for name, v in ((addr_name, addr), (n_name, n), (pid_name, pid)) if v is not None
+            )
+            raise DistributedError(
+                f"{given} also needs {' and '.join(missing)} (or the matching "
+                "JAX_* environment variables) outside a TPU pod / Slurm / MPI job"
+            )
+    return {
+        k: v
+        for k, v in (("coordinator_address", addr), ("num_processes", n), ("process_id", pid))
+        if v is not None
+    }
 
 
 def maybe_initialize(*, verbose: bool = True) -> bool:
@@ -179,5 +208,7 @@ def describe() -> str:
     """One line: this process, its devices, and the whole job's devices."""
     local = jax.local_devices()
     kinds = sorted({d.device_kind for d in local})
-    return (f"process {jax.process_index()}/{jax.process_count()}, local devices {len(local)} "
-            f"({', '.join(kinds)}), global devices {jax.device_count()}")
+    return (
+        f"process {jax.process_index()}/{jax.process_count()}, local devices {len(local)} "
+        f"({', '.join(kinds)}), global devices {jax.device_count()}"
+    )

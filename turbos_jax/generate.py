@@ -55,22 +55,30 @@ def restore_params(model_cfg: ModelConfig, workdir: str):
     if os.path.isdir(directory):
         steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit())
     if not steps:
-        raise GenerateError(f"--workdir={workdir}: no checkpoint in {directory} (train first: "
-                            "python -m turbos_jax.train --config=... --workdir=...)")
-    graphdef, abstract = nnx.split(nnx.eval_shape(
-        lambda: TurbosModel(model_cfg, rngs=nnx.Rngs(0))))
+        raise GenerateError(
+            f"--workdir={workdir}: no checkpoint in {directory} (train first: "
+            "python -m turbos_jax.train --config=... --workdir=...)"
+        )
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: TurbosModel(model_cfg, rngs=nnx.Rngs(0))))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                            abstract)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
     manager = ocp.CheckpointManager(directory, item_names=("state",))
     try:
         restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=device), abstract)
-        restored = manager.restore(steps[-1], args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            {"params": abstract}, restore_args={"params": restore_args}, partial_restore=True)))
+        restored = manager.restore(
+            steps[-1],
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    {"params": abstract}, restore_args={"params": restore_args}, partial_restore=True
+                )
+            ),
+        )
     except Exception as e:  # noqa: BLE001 - any failure is reported in one line
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise GenerateError(f"checkpoint step {steps[-1]} in {directory} could not be restored "
-                            f"into config.model's shapes: {first}") from None
+        raise GenerateError(
+            f"checkpoint step {steps[-1]} in {directory} could not be restored "
+            f"into config.model's shapes: {first}"
+        ) from None
     finally:
         manager.close()
     return graphdef, restored["state"]["params"], steps[-1]
@@ -82,8 +90,10 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     if _CONFIG.value is None or not _WORKDIR.value or _PROMPT.value is None:
-        raise app.UsageError("--config, --workdir and --prompt are required, e.g. "
-                             "--config=configs/tiny.py --workdir=/tmp/tiny --prompt='Hello'")
+        raise app.UsageError(
+            "--config, --workdir and --prompt are required, e.g. "
+            "--config=configs/tiny.py --workdir=/tmp/tiny --prompt='Hello'"
+        )
     if _MAX_NEW.value < 1:
         raise GenerateError(f"--max_new_tokens={_MAX_NEW.value}: must be >= 1")
     try:
@@ -102,9 +112,16 @@ def main(argv):
     graphdef, params, step = restore_params(model_cfg, _WORKDIR.value)
     if _INT8.value:
         params = quantize_params(params)
-    tokens, n = generate(graphdef, params, [ids], [len(ids)], max_new_tokens=_MAX_NEW.value,
-                         sampling=sampling, rng=jax.random.key(_SEED.value),
-                         eos_id=tokenizer.eos_id)
+    tokens, n = generate(
+        graphdef,
+        params,
+        [ids],
+        [len(ids)],
+        max_new_tokens=_MAX_NEW.value,
+        sampling=sampling,
+        rng=jax.random.key(_SEED.value),
+        eos_id=tokenizer.eos_id,
+    )
     out = [int(t) for t in jax.device_get(tokens)[0, : int(n[0])]]
     if tokenizer.eos_id is not None and out and out[-1] == tokenizer.eos_id:
         out = out[:-1]

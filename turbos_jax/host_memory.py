@@ -68,8 +68,10 @@ def keep_freed_memory() -> bool:
     ok = libc is not None
     if ok:
         # mallopt returns 1 on success; apply all three or report failure.
-        ok = all(libc.mallopt(p, v) == 1 for p, v in (
-            (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES)))
+        ok = all(
+            libc.mallopt(p, v) == 1
+            for p, v in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES))
+        )
     _applied = ok
     return ok
 

@@ -35,8 +35,15 @@ import rich.progress
 #   /v5p, /v6e ("Peak compute per chip (bf16)").
 #   NVIDIA H100 datasheet: BF16 Tensor Core 1,979 TFLOPS (SXM) and 1,513 (PCIe) *with sparsity*,
 #   so 989 and 756 dense. NVIDIA H200 datasheet: 1,979 with sparsity (SXM) -> 989 dense.
-PEAK_FLOPS = {"tpu_v4": 275e12, "tpu_v5e": 197e12, "tpu_v5p": 459e12, "tpu_v6e": 918e12,
-              "h100_sxm": 989e12, "h100_pcie": 756e12, "h200": 989e12}
+PEAK_FLOPS = {
+    "tpu_v4": 275e12,
+    "tpu_v5e": 197e12,
+    "tpu_v5p": 459e12,
+    "tpu_v6e": 918e12,
+    "h100_sxm": 989e12,
+    "h100_pcie": 756e12,
+    "h200": 989e12,
+}
 # jax `device_kind` strings (lower-cased) -> PEAK_FLOPS key; first match wins.
 _DEVICE_KIND_PATTERNS = (
     (r"^tpu v4$", "tpu_v4"),
@@ -71,8 +78,9 @@ class Throughput(NamedTuple):
         return out if self.mfu is None else out | {"mfu": self.mfu}
 
 
-def throughput(step_time_s: float, tokens_per_step: int, flops_per_token: float,
-               num_devices: int, peak: float | None) -> Throughput:
+def throughput(
+    step_time_s: float, tokens_per_step: int, flops_per_token: float, num_devices: int, peak: float | None
+) -> Throughput:
     """Tokens/s, model TFLOP/s per device and MFU of one step of `tokens_per_step` tokens."""
     if step_time_s <= 0 or num_devices <= 0:
         raise ValueError(f"step_time_s={step_time_s} and num_devices={num_devices} must be > 0")
@@ -112,8 +120,10 @@ def _tensorboardx():
     try:
         import tensorboardX
     except ImportError as e:
-        raise ImportError("MetricsWriter writes TensorBoard events with tensorboardX, which is not "
-                          "installed: pip install tensorboardX (or pass tensorboard=False)") from e
+        raise ImportError(
+            "MetricsWriter writes TensorBoard events with tensorboardX, which is not "
+            "installed: pip install tensorboardX (or pass tensorboard=False)"
+        ) from e
     return tensorboardX
 
 
@@ -124,8 +134,14 @@ class MetricsWriter(_Closing):
     or call `close()`.
     """
 
-    def __init__(self, workdir: str, *, is_primary: bool = True, tensorboard: bool = True,
-                 resume_step: int | None = None):
+    def __init__(
+        self,
+        workdir: str,
+        *,
+        is_primary: bool = True,
+        tensorboard: bool = True,
+        resume_step: int | None = None,
+    ):
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.is_primary = is_primary
         self._file = self._tb = None
@@ -137,8 +153,7 @@ class MetricsWriter(_Closing):
             # A unique suffix: tensorboardX names files by the second, and a run resumed within the
             # same second would otherwise overwrite the previous file.
             suffix = f".{os.getpid()}.{time.time_ns()}"
-            self._tb = _tensorboardx().SummaryWriter(logdir=workdir, purge_step=purge,
-                                                     filename_suffix=suffix)
+            self._tb = _tensorboardx().SummaryWriter(logdir=workdir, purge_step=purge, filename_suffix=suffix)
         if resume_step is not None:
             self._truncate_after(resume_step)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
@@ -146,6 +161,7 @@ class MetricsWriter(_Closing):
     def _truncate_after(self, step: int) -> None:
         if not os.path.exists(self.path):
             return
+
         def kept(line):
             try:
                 return json.loads(line)["step"] <= step
@@ -206,6 +222,7 @@ def read_tensorboard_scalars(workdir: str) -> dict[str, list[tuple[int, float]]]
     TFRecord framing directly (length u64, crc, payload, crc; CRCs not checked); ignores purges."""
     _tensorboardx()  # a clear error when it is missing
     from tensorboardX.proto import event_pb2
+
     out: dict[str, list[tuple[int, float]]] = {}
     for name in sorted(os.listdir(workdir)):
         if "tfevents" not in name:
@@ -224,8 +241,7 @@ def read_tensorboard_scalars(workdir: str) -> dict[str, list[tuple[int, float]]]
 
 
 # ---------------------------------------------------------------------- console
-_FORMATS = {"loss": "loss {:.4f}", "lr": "lr {:.3g}", "tokens_per_sec": "tok/s {:,.0f}",
-            "mfu": "mfu {:.1%}"}
+_FORMATS = {"loss": "loss {:.4f}", "lr": "lr {:.3g}", "tokens_per_sec": "tok/s {:,.0f}", "mfu": "mfu {:.1%}"}
 
 
 class Progress(_Closing):
@@ -239,17 +255,20 @@ class Progress(_Closing):
         if enabled and getattr(self.file, "isatty", lambda: False)():
             rp = rich.progress
             self._bar = rp.Progress(
-                rp.TextColumn("step"), rp.MofNCompleteColumn(), rp.BarColumn(),
-                rp.TimeElapsedColumn(), rp.TimeRemainingColumn(),
+                rp.TextColumn("step"),
+                rp.MofNCompleteColumn(),
+                rp.BarColumn(),
+                rp.TimeElapsedColumn(),
+                rp.TimeRemainingColumn(),
                 rp.TextColumn("{task.fields[info]}"),
-                console=rich.console.Console(file=self.file), transient=False)
-            self._task = self._bar.add_task("train", total=self.total, completed=initial_step,
-                                            info="")
+                console=rich.console.Console(file=self.file),
+                transient=False,
+            )
+            self._task = self._bar.add_task("train", total=self.total, completed=initial_step, info="")
             self._bar.start()
 
     def line(self, step: int, metrics: dict) -> str:
-        parts = [f.format(float(np.asarray(metrics[k]))) for k, f in _FORMATS.items()
-                 if k in metrics]
+        parts = [f.format(float(np.asarray(metrics[k]))) for k, f in _FORMATS.items() if k in metrics]
         return " | ".join([f"step {int(step)}/{self.total}", *parts])
 
     def update(self, step: int, metrics: dict | None = None) -> None:

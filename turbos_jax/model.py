@@ -48,8 +48,7 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
     """(B, L) positions restarting at 0 wherever the segment id changes."""
     b, l = segment_ids.shape
     idx = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
-    starts = jnp.concatenate(
-        [jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    starts = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
     return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
 
 
@@ -58,8 +57,9 @@ class Block(nnx.Module):
 
     def __init__(self, symbol: str, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.symbol = symbol
-        self.norm = RMSNorm((cfg.d_model,), ("embed",), eps=cfg.norm_eps,
-                            param_dtype=cfg.param_dtype, rngs=rngs)
+        self.norm = RMSNorm(
+            (cfg.d_model,), ("embed",), eps=cfg.norm_eps, param_dtype=cfg.param_dtype, rngs=rngs
+        )
         layer = {"A": Attention, "M": Mamba2, "F": MoEFFN}[symbol]
         self.layer = layer(cfg, rngs=rngs)
 
@@ -128,16 +128,16 @@ class TurbosModel(nnx.Module):
         self.prefix = nnx.List([Block(s, cfg, rngs=rngs) for s in split.prefix])
         self.period = nnx.List([_stacked_block(s, split.repeats, cfg, rngs) for s in split.period])
         self.suffix = nnx.List([Block(s, cfg, rngs=rngs) for s in split.suffix])
-        self.final_norm = RMSNorm((cfg.d_model,), ("embed",), eps=cfg.norm_eps,
-                                  param_dtype=cfg.param_dtype, rngs=rngs)
+        self.final_norm = RMSNorm(
+            (cfg.d_model,), ("embed",), eps=cfg.norm_eps, param_dtype=cfg.param_dtype, rngs=rngs
+        )
         self.lm_head = LMHead(cfg, rngs=rngs)
 
     # ------------------------------------------------------------------ helpers
     def _remat(self, fn):
         if self.cfg.remat_policy == "none":
             return fn
-        return jax.checkpoint(fn, policy=REMAT_POLICIES[self.cfg.remat_policy],
-                              static_argnums=(0,))
+        return jax.checkpoint(fn, policy=REMAT_POLICIES[self.cfg.remat_policy], static_argnums=(0,))
 
     def _aux_zero(self):
         zero = {k: jnp.zeros((), jnp.float32) for k in AUX_KEYS}
@@ -151,14 +151,16 @@ class TurbosModel(nnx.Module):
         return x, aux
 
     # ------------------------------------------------------------------ forward
-    def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
-                 positions: jax.Array | None = None):
+    def __call__(
+        self, tokens: jax.Array, segment_ids: jax.Array | None = None, positions: jax.Array | None = None
+    ):
         """tokens, segment_ids, positions: (B, L) int32. Missing segment ids mean one document per
         row; missing positions are derived from the segment ids."""
         return self.from_embeddings(self.embed(tokens), segment_ids, positions)
 
-    def from_embeddings(self, x: jax.Array, segment_ids: jax.Array | None = None,
-                        positions: jax.Array | None = None):
+    def from_embeddings(
+        self, x: jax.Array, segment_ids: jax.Array | None = None, positions: jax.Array | None = None
+    ):
         """The model after the embedding lookup: x (B, L, D) -> (logits, aux). Useful for soft
         prompts and for gradients with respect to positions of the input."""
         cfg = self.cfg
@@ -177,8 +179,9 @@ class TurbosModel(nnx.Module):
 
         def period_body(carry, period_states):
             x, aux = carry
-            x, aux = self._run(apply, list(zip(graphdefs, period_states, strict=True)), x, aux,
-                               segment_ids, positions)
+            x, aux = self._run(
+                apply, list(zip(graphdefs, period_states, strict=True)), x, aux, segment_ids, positions
+            )
             return (x, aux), None
 
         repeats = cfg.layout_split.repeats
@@ -219,20 +222,19 @@ class TurbosModel(nnx.Module):
             period_states, period_caches = inp
             new = []
             for j, (gd, st) in enumerate(zip(graphdefs, period_states, strict=True)):
-                x, c = step(nnx.merge(gd, dequantize(st)), x,
-                            None if period_caches is None else period_caches[j])
+                x, c = step(
+                    nnx.merge(gd, dequantize(st)), x, None if period_caches is None else period_caches[j]
+                )
                 new.append(c)
             return x, new
 
-        x, out["period"] = jax.lax.scan(body, x, (states, caches),
-                                        length=self.cfg.layout_split.repeats)
+        x, out["period"] = jax.lax.scan(body, x, (states, caches), length=self.cfg.layout_split.repeats)
         for i, blk in enumerate(self.suffix):
             x, c = step(live(blk), x, get("suffix", i))
             out["suffix"].append(c)
         return x, out, live(self.lm_head)
 
-    def prefill(self, tokens: jax.Array, lengths: jax.Array, max_len: int,
-                all_logits: bool = False):
+    def prefill(self, tokens: jax.Array, lengths: jax.Array, max_len: int, all_logits: bool = False):
         """Right-padded prompts tokens (B, L) int32 with real lengths (B,) (1 <= length <= L) ->
         (logits, cache). logits: (B, V) at each prompt's last real token, or (B, L, V) with
         `all_logits`. cache = {"layers": ..., "lengths": (B,) tokens cached per sequence}; KV
@@ -251,18 +253,17 @@ class TurbosModel(nnx.Module):
         one token). The token is placed at position cache["lengths"] of its sequence."""
         positions = cache["lengths"]
         step = lambda blk, x, c: blk.decode(x, c, positions)
-        x, layers, lm_head = self._generation_layers(step, self.embed(tokens[:, None]),
-                                                     cache["layers"])
+        x, layers, lm_head = self._generation_layers(step, self.embed(tokens[:, None]), cache["layers"])
         logits = lm_head(self.final_norm(x))[:, 0]
         return logits, {"layers": layers, "lengths": positions + 1}
 
     def _finish_aux(self, aux):
         n_moe = max(1, self.cfg.layout.count("F"))
         aux = {k: v / n_moe for k, v in aux.items()}
-        aux["aux_loss"] = (self.cfg.aux_loss_weight * aux["moe_lb_loss"]
-                           + self.cfg.z_loss_weight * aux["moe_z_loss"])
+        aux["aux_loss"] = (
+            self.cfg.aux_loss_weight * aux["moe_lb_loss"] + self.cfg.z_loss_weight * aux["moe_z_loss"]
+        )
         return aux
-
 
 
 def init_model(cfg: ModelConfig, seed: int, mesh: jax.sharding.Mesh | None = None):

@@ -68,8 +68,9 @@ def _cosine(init: float, end: float, steps: int) -> optax.Schedule:
 def make_schedule(schedule_cfg) -> optax.Schedule:
     """`config.optim.schedule` -> an optax schedule (count -> LR), see the module docstring."""
     if isinstance(schedule_cfg, (str, bytes)) or not isinstance(schedule_cfg, (tuple, list)):
-        raise ConfigError(f"config.optim.schedule={schedule_cfg!r}: expected a tuple of "
-                          "(kind, steps, end_lr) phases")
+        raise ConfigError(
+            f"config.optim.schedule={schedule_cfg!r}: expected a tuple of (kind, steps, end_lr) phases"
+        )
     if not schedule_cfg:
         raise ConfigError("config.optim.schedule=(): needs at least one phase")
     schedules, boundaries = [], []

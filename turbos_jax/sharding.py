@@ -129,8 +129,7 @@ def named_shardings(state: nnx.State, mesh: jax.sharding.Mesh, rules=PARAM_RULES
     """NamedShardings for a (possibly abstract) state on `mesh`; mesh axes it lacks are dropped."""
     present = set(mesh.axis_names)
     return jax.tree.map(
-        lambda spec: jax.sharding.NamedSharding(
-            mesh, PartitionSpec(*[_keep_axes(e, present) for e in spec])),
+        lambda spec: jax.sharding.NamedSharding(mesh, PartitionSpec(*[_keep_axes(e, present) for e in spec])),
         param_specs(state, rules),
         is_leaf=lambda x: isinstance(x, PartitionSpec),
     )
@@ -140,9 +139,14 @@ def sharded_abstract(abstract, mesh: jax.sharding.Mesh, rules=PARAM_RULES):
     """An abstract tree (ShapeDtypeStructs, possibly inside Variables) with shardings attached:
     the restore target for Orbax and the template for `jit(..., out_shardings=...)`."""
     with_sharding = lambda sh, sub: jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), sub)
-    return jax.tree.map(with_sharding, named_shardings(abstract, mesh, rules), abstract,
-                        is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), sub
+    )
+    return jax.tree.map(
+        with_sharding,
+        named_shardings(abstract, mesh, rules),
+        abstract,
+        is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding),
+    )
 
 
 def activation_spec(names: Names) -> PartitionSpec:
@@ -170,13 +174,17 @@ def process_batch_shard(batch_sharding: jax.sharding.Sharding, batch_size: int) 
     same rows (replicas along `model`) and must load the same data, so the input pipeline shards by
     this index, not by `jax.process_index()`. One process per shard is the usual case.
     """
-    rows = {(s[0].start or 0, batch_size if s[0].stop is None else s[0].stop)
-            for s in batch_sharding.addressable_devices_indices_map((batch_size,)).values()}
+    rows = {
+        (s[0].start or 0, batch_size if s[0].stop is None else s[0].stop)
+        for s in batch_sharding.addressable_devices_indices_map((batch_size,)).values()
+    }
     lo, hi = min(r[0] for r in rows), max(r[1] for r in rows)
     size = hi - lo
     if sum(b - a for a, b in rows) != size or batch_size % size or lo % size:
-        raise ConfigError(f"config.mesh: this process's devices hold batch rows {sorted(rows)}, not "
-                          f"one contiguous 1/n of the {batch_size} rows; reorder the mesh axes")
+        raise ConfigError(
+            f"config.mesh: this process's devices hold batch rows {sorted(rows)}, not "
+            f"one contiguous 1/n of the {batch_size} rows; reorder the mesh axes"
+        )
     return lo // size, batch_size // size
 
 
@@ -195,8 +203,7 @@ def manual_over_mesh(fn: Callable, in_names: Sequence, out_names) -> Callable:
             return None
         return PartitionSpec(*[_keep_axes(s, present) for s in activation_spec(names)])
 
-    is_names = lambda n: n is None or (isinstance(n, tuple) and all(
-        isinstance(a, str | None) for a in n))
+    is_names = lambda n: n is None or (isinstance(n, tuple) and all(isinstance(a, str | None) for a in n))
     in_specs = tuple(spec(n) for n in in_names)
     out_specs = jax.tree.map(spec, out_names, is_leaf=is_names)
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
@@ -226,30 +233,38 @@ def mesh_shape(mesh_cfg: Mapping, num_devices: int) -> dict[str, int]:
             raise ConfigError(f"config.mesh.{axis}: required key is missing")
         v = cfg[axis]
         if isinstance(v, bool) or not isinstance(v, int) or (v <= 0 and v != -1):
-            raise ConfigError(f"config.mesh.{axis}={v!r}: must be a positive integer or -1 "
-                              "(-1 = the remaining devices)")
+            raise ConfigError(
+                f"config.mesh.{axis}={v!r}: must be a positive integer or -1 (-1 = the remaining devices)"
+            )
     if cfg["context"] != 1:
-        raise ConfigError(f"config.mesh.context={cfg['context']!r}: context parallelism is "
-                          "reserved; must be 1")
+        raise ConfigError(
+            f"config.mesh.context={cfg['context']!r}: context parallelism is reserved; must be 1"
+        )
     fill = [a for a in MESH_AXES if cfg[a] == -1]
     if len(fill) > 1:
-        raise ConfigError(f"config.mesh.{fill[1]}=-1: at most one axis may be -1 "
-                          f"(config.mesh.{fill[0]} is -1 already)")
+        raise ConfigError(
+            f"config.mesh.{fill[1]}=-1: at most one axis may be -1 (config.mesh.{fill[0]} is -1 already)"
+        )
     fixed = math.prod(cfg[a] for a in MESH_AXES if cfg[a] != -1)
     if fill:
         if num_devices % fixed:
-            raise ConfigError(f"config.mesh.{fill[0]}=-1: the other axes multiply to {fixed}, "
-                              f"which does not divide the {num_devices} devices")
+            raise ConfigError(
+                f"config.mesh.{fill[0]}=-1: the other axes multiply to {fixed}, "
+                f"which does not divide the {num_devices} devices"
+            )
         cfg[fill[0]] = num_devices // fixed
     elif fixed != num_devices:
         sizes = " x ".join(f"{a}={cfg[a]}" for a in MESH_AXES)
-        raise ConfigError(f"config.mesh.data={cfg['data']!r}: mesh {sizes} = {fixed} devices, "
-                          f"but {num_devices} are present (set one axis to -1 to fill)")
+        raise ConfigError(
+            f"config.mesh.data={cfg['data']!r}: mesh {sizes} = {fixed} devices, "
+            f"but {num_devices} are present (set one axis to -1 to fill)"
+        )
     return {a: cfg[a] for a in MESH_AXES}
 
 
-def check_mesh(shape: Mapping[str, int], model_cfg=None, batch_size: int | None = None,
-               grad_accum_steps: int = 1) -> None:
+def check_mesh(
+    shape: Mapping[str, int], model_cfg=None, batch_size: int | None = None, grad_accum_steps: int = 1
+) -> None:
     """Divisibility of the model and batch by the mesh axes that shard them; one-line ConfigErrors.
 
     Every sharded dimension must divide evenly (there is no silent fallback to replication):
@@ -259,8 +274,10 @@ def check_mesh(shape: Mapping[str, int], model_cfg=None, batch_size: int | None 
     """
     if model_cfg is not None:
         checks = (
-            ("model", ("num_heads", "num_kv_heads", "mamba_heads", "mamba_groups", "expert_dim",
-                       "vocab_size")),
+            (
+                "model",
+                ("num_heads", "num_kv_heads", "mamba_heads", "mamba_groups", "expert_dim", "vocab_size"),
+            ),
             ("expert", ("num_experts",)),
             ("data", ("d_model",)),
         )
@@ -268,19 +285,28 @@ def check_mesh(shape: Mapping[str, int], model_cfg=None, batch_size: int | None 
             for key in keys:
                 v = getattr(model_cfg, key)
                 if v % shape[axis]:
-                    raise ConfigError(f"config.model.{key}={v!r}: must be divisible by "
-                                      f"config.mesh.{axis}={shape[axis]}")
+                    raise ConfigError(
+                        f"config.model.{key}={v!r}: must be divisible by config.mesh.{axis}={shape[axis]}"
+                    )
     if batch_size is not None:
         n = shape["data"] * shape["expert"]
         if batch_size % (n * grad_accum_steps):
             accum = f" x grad_accum_steps {grad_accum_steps}" if grad_accum_steps > 1 else ""
-            raise ConfigError(f"config.batch_size={batch_size!r}: must be divisible by mesh data x "
-                              f"expert = {shape['data']} x {shape['expert']}{accum} = "
-                              f"{n * grad_accum_steps}")
+            raise ConfigError(
+                f"config.batch_size={batch_size!r}: must be divisible by mesh data x "
+                f"expert = {shape['data']} x {shape['expert']}{accum} = "
+                f"{n * grad_accum_steps}"
+            )
 
 
-def make_mesh(mesh_cfg: Mapping, devices: Sequence[jax.Device] | None = None, *, model_cfg=None,
-              batch_size: int | None = None, grad_accum_steps: int = 1) -> jax.sharding.Mesh:
+def make_mesh(
+    mesh_cfg: Mapping,
+    devices: Sequence[jax.Device] | None = None,
+    *,
+    model_cfg=None,
+    batch_size: int | None = None,
+    grad_accum_steps: int = 1,
+) -> jax.sharding.Mesh:
     """`jax.make_mesh` with Auto axes (data, expert, model, context) sized by `config.mesh`.
 
     `devices` defaults to all devices; `model_cfg` / `batch_size`, when given, are checked with
@@ -289,6 +315,9 @@ def make_mesh(mesh_cfg: Mapping, devices: Sequence[jax.Device] | None = None, *,
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(mesh_cfg, len(devices))
     check_mesh(shape, model_cfg, batch_size, grad_accum_steps)
-    return jax.make_mesh(tuple(shape[a] for a in MESH_AXES), MESH_AXES,
-                         axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
-                         devices=devices)
+    return jax.make_mesh(
+        tuple(shape[a] for a in MESH_AXES),
+        MESH_AXES,
+        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+        devices=devices,
+    )

@@ -47,8 +47,7 @@ def loss_fn(params, graphdef, batch, num_targets=None):
     The CE is summed over the batch and divided by `num_targets` (default: this batch's
     loss_mask sum), so microbatches divided by the whole batch's count sum to the full-batch CE.
     """
-    logits, aux = nnx.merge(graphdef, params)(batch["inputs"], batch["segment_ids"],
-                                              batch["positions"])
+    logits, aux = nnx.merge(graphdef, params)(batch["inputs"], batch["segment_ids"], batch["positions"])
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     mask = batch["loss_mask"].astype(jnp.float32)
     if num_targets is None:
@@ -87,8 +86,13 @@ def _accumulated_grads(params, graphdef, batch, accum_steps: int, batch_sharding
         carry = jax.tree.map(jnp.add, carry, (loss, ce, aux, grads))
         return carry, None
 
-    (loss, (ce, aux)), grads_shape = jax.eval_shape(grad_fn, params, jax.tree.map(
-        lambda v: jax.ShapeDtypeStruct((v.shape[0] // accum_steps, *v.shape[1:]), v.dtype), batch))
+    (loss, (ce, aux)), grads_shape = jax.eval_shape(
+        grad_fn,
+        params,
+        jax.tree.map(
+            lambda v: jax.ShapeDtypeStruct((v.shape[0] // accum_steps, *v.shape[1:]), v.dtype), batch
+        ),
+    )
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), (loss, ce, aux, grads_shape))
     (loss, ce, aux, grads), _ = jax.lax.scan(body, zeros, jax.tree.map(split, batch))
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
@@ -104,21 +108,30 @@ def make_train_step(graphdef, tx, schedule, batch_sharding, grad_accum_steps: in
     def train_step(state, batch):
         batch = {k: jax.lax.with_sharding_constraint(v, batch_sharding) for k, v in batch.items()}
         if grad_accum_steps > 1:
-            (loss, (ce, aux)), grads = _accumulated_grads(state["params"], graphdef, batch,
-                                                          grad_accum_steps, batch_sharding)
+            (loss, (ce, aux)), grads = _accumulated_grads(
+                state["params"], graphdef, batch, grad_accum_steps, batch_sharding
+            )
         else:
             (loss, (ce, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-                state["params"], graphdef, batch)
+                state["params"], graphdef, batch
+            )
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         # A non-finite step never reaches the parameters: skipped, or stopped by the host.
-        params, opt_state = jax.tree.map(lambda n, o: jnp.where(finite, n, o),
-                                         (params, opt_state), (state["params"], state["opt_state"]))
+        params, opt_state = jax.tree.map(
+            lambda n, o: jnp.where(finite, n, o), (params, opt_state), (state["params"], state["opt_state"])
+        )
         new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
-        out = {"loss": loss, "ce_loss": ce, "grad_norm": grad_norm, "finite": finite,
-               "learning_rate": schedule(state["step"]), **aux}
+        out = {
+            "loss": loss,
+            "ce_loss": ce,
+            "grad_norm": grad_norm,
+            "finite": finite,
+            "learning_rate": schedule(state["step"]),
+            **aux,
+        }
         return new_state, out
 
     return train_step

@@ -39,8 +39,10 @@ def format_table(s: dict) -> str:
         f"params total  {_human(s['params_total'])}  ({s['params_total']:,})",
         f"params active {_human(s['params_active'])}  ({s['params_active']:,})",
         "by kind:",
-        *(f"  {k:<12}{_human(v):>10}  {100 * v / s['params_total']:5.1f}%"
-          for k, v in s["params_by_kind"].items()),
+        *(
+            f"  {k:<12}{_human(v):>10}  {100 * v / s['params_total']:5.1f}%"
+            for k, v in s["params_by_kind"].items()
+        ),
         f"training FLOPs/token at L={s['seq_len']}:",
         *(f"  {k:<12}{_human(v):>10}" for k, v in s["training_flops_per_token"].items()),
         f"KV cache      {s['kv_bytes_per_token']:,} bytes/token (bf16)",

@@ -53,8 +53,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # ============================================================================ mesh
     if "mesh" not in config:
         raise ConfigError("config.mesh: required key is missing (see configs/turbos.py)")
-    mesh = sharding.make_mesh(config.mesh, model_cfg=model_cfg, batch_size=config.batch_size,
-                              grad_accum_steps=config.grad_accum_steps)
+    mesh = sharding.make_mesh(
+        config.mesh,
+        model_cfg=model_cfg,
+        batch_size=config.batch_size,
+        grad_accum_steps=config.grad_accum_steps,
+    )
     batch_sharding = NamedSharding(mesh, P(("data", "expert")))
 
     # ============================================================================ data
@@ -66,9 +70,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     global_shape = (config.batch_size, config.seq_len)
 
     def to_global(local):
-        return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(local[k]),
-                                                          global_shape)
-                for k in BATCH_KEYS}
+        return {
+            k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(local[k]), global_shape)
+            for k in BATCH_KEYS
+        }
 
     # ============================================================================ abstract model, optimizer
     graphdef, tx, schedule, init_state, abstract_state = train_setup(config, model_cfg)
@@ -97,8 +102,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
         return ce
 
     with jax.set_mesh(mesh):
-        train_step = jax.jit(train_step, in_shardings=(state_shardings, None),
-                             out_shardings=(state_shardings, None), donate_argnums=(0,))
+        train_step = jax.jit(
+            train_step,
+            in_shardings=(state_shardings, None),
+            out_shardings=(state_shardings, None),
+            donate_argnums=(0,),
+        )
         eval_step = jax.jit(eval_step)
 
     def evaluate(params):
@@ -123,10 +132,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if step % config.log_every_steps:
             return False
         return bool(multihost_utils.process_allgather(np.asarray(bool(sigterm))).any())
-    writer = metrics.MetricsWriter(workdir, is_primary=jax.process_index() == 0,
-                                   resume_step=start_step if start_step else None)
-    progress = metrics.Progress(config.total_steps, initial_step=start_step,
-                                enabled=jax.process_index() == 0)
+
+    writer = metrics.MetricsWriter(
+        workdir, is_primary=jax.process_index() == 0, resume_step=start_step if start_step else None
+    )
+    progress = metrics.Progress(config.total_steps, initial_step=start_step, enabled=jax.process_index() == 0)
     peak = metrics.peak_flops_per_device(jax.devices()[0])
     last, pending, window_start, window_steps = {}, None, time.perf_counter(), 0
 
@@ -139,13 +149,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     f"non-finite loss at step {step} (loss={host['loss']}, "
                     f"grad_norm={host['grad_norm']}); parameters were not updated and the last "
                     f"checkpoint (step {max(ckpt.steps(), default='none')}) is intact; set "
-                    "config.on_nonfinite='skip' to skip such steps")
+                    "config.on_nonfinite='skip' to skip such steps"
+                )
             host["skipped_nonfinite"] = 1
         if step % config.log_every_steps and step != config.total_steps:
             return
         elapsed = time.perf_counter() - window_start
-        rates = metrics.throughput(elapsed / max(window_steps, 1), tokens_per_step,
-                                   flops_per_token, jax.device_count(), peak).metrics()
+        rates = metrics.throughput(
+            elapsed / max(window_steps, 1), tokens_per_step, flops_per_token, jax.device_count(), peak
+        ).metrics()
         rates["step_time_s"] = elapsed / max(window_steps, 1)
         last = {"step": step, **{k: np.asarray(v).tolist() for k, v in host.items()}, **rates}
         writer.write(step, last)
@@ -200,8 +212,9 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
     if _CONFIG.value is None or not _WORKDIR.value:
-        raise app.UsageError("--config and --workdir are required, e.g. "
-                             "--config=configs/tiny.py --workdir=/tmp/tiny")
+        raise app.UsageError(
+            "--config and --workdir are required, e.g. --config=configs/tiny.py --workdir=/tmp/tiny"
+        )
     distributed.maybe_initialize()  # multi-host: before anything touches a device
     train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 

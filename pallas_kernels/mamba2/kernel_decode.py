@@ -87,11 +87,20 @@ def _check(state, x, dt, A, B, C):
         raise ValueError(f"state must be (b, h, p, n); got {state.shape}")
     b, h, p, n = state.shape
     g = B.shape[1] if B.ndim == 3 else 0
-    if (x.shape != (b, h, p) or dt.shape != (b, h) or A.shape != (h,) or B.shape != (b, g, n)
-            or C.shape != B.shape or g == 0 or h % g):
-        raise ValueError(f"bad shapes: state {state.shape} x {x.shape} dt {dt.shape} A {A.shape} "
-                         f"B {B.shape} C {C.shape} (need x (b,h,p), dt (b,h), A (h,), B/C (b,g,n), "
-                         "h % g == 0)")
+    if (
+        x.shape != (b, h, p)
+        or dt.shape != (b, h)
+        or A.shape != (h,)
+        or B.shape != (b, g, n)
+        or C.shape != B.shape
+        or g == 0
+        or h % g
+    ):
+        raise ValueError(
+            f"bad shapes: state {state.shape} x {x.shape} dt {dt.shape} A {A.shape} "
+            f"B {B.shape} C {C.shape} (need x (b,h,p), dt (b,h), A (h,), B/C (b,g,n), "
+            "h % g == 0)"
+        )
     if state.dtype != F32:
         raise ValueError(f"state must be float32 (updated in place); got {state.dtype}")
     return b, h, p, n, g
@@ -110,8 +119,7 @@ def _tpu_heads(block: BlockSizes | None, h, r, p, n) -> int:
     block reaches the target size (h itself is always legal)."""
     if block is not None and block.heads is not None:
         if not _tpu_heads_ok(block.heads, h, r):
-            raise ValueError(f"BlockSizes.heads={block.heads} is not legal for h={h}, r={r} "
-                             "(see BlockSizes)")
+            raise ValueError(f"BlockSizes.heads={block.heads} is not legal for h={h}, r={r} (see BlockSizes)")
         return block.heads
     legal = [k for k in range(1, h + 1) if _tpu_heads_ok(k, h, r)]
     big = [k for k in legal if k * p * n * 4 >= _TPU_TARGET_BLOCK_BYTES]
@@ -182,8 +190,10 @@ def state_update_tpu(state, x, dt, A, B, C, *, block: BlockSizes | None = None, 
         out_specs=out_specs,
         out_shape=[jax.ShapeDtypeStruct((b, h, p), F32), jax.ShapeDtypeStruct(state.shape, F32)],
         input_output_aliases={5: 1},
-        compiler_params=pltpu.CompilerParams(dimension_semantics=(pltpu.PARALLEL, pltpu.PARALLEL),
-                                             vmem_limit_bytes=_tpu_vmem_limit(heads, p, n)),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=(pltpu.PARALLEL, pltpu.PARALLEL),
+            vmem_limit_bytes=_tpu_vmem_limit(heads, p, n),
+        ),
         cost_estimate=_cost(b, h, p, n, g, x.dtype, B.dtype),
         interpret=interpret,
         name="mamba2_state_update",
@@ -266,8 +276,9 @@ def state_update_gpu(state, x, dt, A, B, C, *, block: BlockSizes | None = None, 
 
 def _xla_step(state, x, dt, A, B, C):
     """The same step in plain JAX (fp32), for shapes a kernel cannot take: (y fp32, new fp32)."""
-    y, new = reference.state_update(state, x.astype(F32), dt.astype(F32), A.astype(F32),
-                                    B.astype(F32), C.astype(F32))
+    y, new = reference.state_update(
+        state, x.astype(F32), dt.astype(F32), A.astype(F32), B.astype(F32), C.astype(F32)
+    )
     return y, new
 
 
@@ -275,6 +286,11 @@ def _cost(b, h, p, n, g, x_dtype, bc_dtype) -> pl.CostEstimate:
     """Minimal traffic and work, so XLA schedules the call as the memory-bound op it is: the state
     read + written (fp32), x read, y written (fp32), B/C read once per group, dt/A read;
     ~5 FLOPs per state element (decay*s, dt*x*B fma, *C, sum) and one exp per head."""
-    bytes_ = (2 * b * h * p * n * 4 + b * h * p * (jnp.dtype(x_dtype).itemsize + 4)
-              + 2 * b * g * n * jnp.dtype(bc_dtype).itemsize + b * h * 4 + h * 4)
+    bytes_ = (
+        2 * b * h * p * n * 4
+        + b * h * p * (jnp.dtype(x_dtype).itemsize + 4)
+        + 2 * b * g * n * jnp.dtype(bc_dtype).itemsize
+        + b * h * 4
+        + h * 4
+    )
     return pl.CostEstimate(flops=5 * b * h * p * n, transcendentals=b * h, bytes_accessed=bytes_)

@@ -147,9 +147,31 @@ def prepare(x, dt, A, B, C, seq_idx, chunk_size, block, backward=False):
         a = jnp.where(segc[..., -1] == seg_in, a, 0.0)
     flat = lambda t: t.reshape(b, h, L)
     return types.SimpleNamespace(
-        x=xp, B=Bp, C=Cp, dt=dtp, cs=flat(cs), e=flat(e), v=flat(v), a=a, seg=seg,
-        b=b, l=l, h=h, p=p, g=g, n=n, r=h // g, q=q, nc=nc, L=L, bp=bp, p_pad=p_pad, n_pad=n_pad,
-        npb=p_pad // bp, dots=dots)
+        x=xp,
+        B=Bp,
+        C=Cp,
+        dt=dtp,
+        cs=flat(cs),
+        e=flat(e),
+        v=flat(v),
+        a=a,
+        seg=seg,
+        b=b,
+        l=l,
+        h=h,
+        p=p,
+        g=g,
+        n=n,
+        r=h // g,
+        q=q,
+        nc=nc,
+        L=L,
+        bp=bp,
+        p_pad=p_pad,
+        n_pad=n_pad,
+        npb=p_pad // bp,
+        dots=dots,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,8 +200,9 @@ def dot(a, b, contract, mode):
     else:
         a, b = a.astype(F32), b.astype(F32)
         prec = jax.lax.Precision.HIGHEST if mode == "ieee" else jax.lax.Precision.DEFAULT
-    return jax.lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())),
-                               precision=prec, preferred_element_type=F32)
+    return jax.lax.dot_general(
+        a, b, (((contract[0],), (contract[1],)), ((), ())), precision=prec, preferred_element_type=F32
+    )
 
 
 def decay_matrix(cs, seg):
@@ -204,14 +227,15 @@ class ChunkSpecs:
         self.seq_hp = pl.BlockSpec((None, q, None, bp), lambda i, j, k: (i // nc, i % nc, j, k))
         self.pos = pl.BlockSpec((None, None, q), lambda i, j, k: (i // nc, j, i % nc))
         self.seg = pl.BlockSpec((None, q), lambda i, j, k: (i // nc, i % nc))
-        self.seq_gn = pl.BlockSpec((None, q, None, ns.n_pad),
-                                   lambda i, j, k: (i // nc, i % nc, j // r, 0))
-        self.state = pl.BlockSpec((None, None, None, bp, ns.n_pad),
-                                  lambda i, j, k: (i // nc, i % nc, j, k, 0))
+        self.seq_gn = pl.BlockSpec((None, q, None, ns.n_pad), lambda i, j, k: (i // nc, i % nc, j // r, 0))
+        self.state = pl.BlockSpec(
+            (None, None, None, bp, ns.n_pad), lambda i, j, k: (i // nc, i % nc, j, k, 0)
+        )
         # Partial sums over p-blocks, reduced by the wrapper.
         self.part_pos = pl.BlockSpec((None, None, None, q), lambda i, j, k: (k, i // nc, j, i % nc))
-        self.part_seq_hn = pl.BlockSpec((None, None, q, None, ns.n_pad),
-                                        lambda i, j, k: (k, i // nc, i % nc, j, 0))
+        self.part_seq_hn = pl.BlockSpec(
+            (None, None, q, None, ns.n_pad), lambda i, j, k: (k, i // nc, i % nc, j, 0)
+        )
 
     @property
     def grid(self):
@@ -352,11 +376,10 @@ def forward(x, dt, A, B, C, initial_states, seq_idx, *, chunk_size, block=None, 
     ns = prepare(x, dt, A, B, C, seq_idx, chunk_size, block)
     prev, final = recompute_states(ns, initial_states, block, interpret)
     y = chunk_output(ns, prev, block, interpret)
-    return y[:, :ns.l, :, :ns.p], final[:, :, :ns.p, :ns.n]
+    return y[:, : ns.l, :, : ns.p], final[:, :, : ns.p, : ns.n]
 
 
-def backward(x, dt, A, B, C, initial_states, seq_idx, dy, dfinal, *, chunk_size, block=None,
-             interpret=False):
+def backward(x, dt, A, B, C, initial_states, seq_idx, dy, dfinal, *, chunk_size, block=None, interpret=False):
     """Cotangents of `forward`; implemented in `kernel_gpu_bwd` (imported here lazily because that
     module builds on this one). dy (b, l, h, p) fp32, dfinal (b, h, p, n) fp32 or None.
 
@@ -365,5 +388,17 @@ def backward(x, dt, A, B, C, initial_states, seq_idx, dy, dfinal, *, chunk_size,
     """
     from pallas_kernels.mamba2 import kernel_gpu_bwd
 
-    return kernel_gpu_bwd.backward(x, dt, A, B, C, initial_states, seq_idx, dy, dfinal,
-                                   chunk_size=chunk_size, block=block, interpret=interpret)
+    return kernel_gpu_bwd.backward(
+        x,
+        dt,
+        A,
+        B,
+        C,
+        initial_states,
+        seq_idx,
+        dy,
+        dfinal,
+        chunk_size=chunk_size,
+        block=block,
+        interpret=interpret,
+    )

@@ -42,12 +42,45 @@ from pallas_kernels.mamba2.kernel_gpu import F32, BlockSizes, dot
 
 def _chunk_backward_kernel(*refs, has_seg, mode):
     if has_seg:
-        (x_ref, dt_ref, cs_ref, e_ref, v_ref, alast_ref, seg_ref, b_ref, c_ref, dy_ref, hin_ref,
-         dhout_ref, dx_ref, ddt_ref, dcs_ref, db_ref, dc_ref) = refs
+        (
+            x_ref,
+            dt_ref,
+            cs_ref,
+            e_ref,
+            v_ref,
+            alast_ref,
+            seg_ref,
+            b_ref,
+            c_ref,
+            dy_ref,
+            hin_ref,
+            dhout_ref,
+            dx_ref,
+            ddt_ref,
+            dcs_ref,
+            db_ref,
+            dc_ref,
+        ) = refs
         seg = seg_ref[...]
     else:
-        (x_ref, dt_ref, cs_ref, e_ref, v_ref, alast_ref, b_ref, c_ref, dy_ref, hin_ref,
-         dhout_ref, dx_ref, ddt_ref, dcs_ref, db_ref, dc_ref) = refs
+        (
+            x_ref,
+            dt_ref,
+            cs_ref,
+            e_ref,
+            v_ref,
+            alast_ref,
+            b_ref,
+            c_ref,
+            dy_ref,
+            hin_ref,
+            dhout_ref,
+            dx_ref,
+            ddt_ref,
+            dcs_ref,
+            db_ref,
+            dc_ref,
+        ) = refs
         seg = None
     bmat, cmat = b_ref[...], c_ref[...]
     dt, e, v = dt_ref[...], e_ref[...], v_ref[...]
@@ -116,8 +149,7 @@ def chunk_backward(ns, dy, hin, dhout, block, interpret):
 
 
 @functools.partial(jax.jit, static_argnames=("chunk_size", "block", "interpret"))
-def backward(x, dt, A, B, C, initial_states, seq_idx, dy, dfinal, *, chunk_size, block=None,
-             interpret=False):
+def backward(x, dt, A, B, C, initial_states, seq_idx, dy, dfinal, *, chunk_size, block=None, interpret=False):
     """Cotangents of `kernel_gpu.forward`: dy (b, l, h, p) fp32, dfinal (b, h, p, n) fp32 or None.
 
     Returns (dx in x.dtype, ddt fp32 (b, l, h), dA fp32 (h,), dB in B.dtype, dC in C.dtype,
@@ -130,8 +162,9 @@ def backward(x, dt, A, B, C, initial_states, seq_idx, dy, dfinal, *, chunk_size,
 
     hin, _ = fwd.recompute_states(ns, initial_states, block, interpret)  # step 1
     local = fwd.chunk_states(ns, dyp, ns.e, ns.C, block, interpret)  # step 2
-    dhout, dinit = fwd.state_passing(ns, local, ns.a, fwd.padded_states(dfinal, ns), block,
-                                     interpret, reverse=True)
+    dhout, dinit = fwd.state_passing(
+        ns, local, ns.a, fwd.padded_states(dfinal, ns), block, interpret, reverse=True
+    )
     dx, ddt_direct, dcs, db, dc = chunk_backward(ns, dyp, hin, dhout, block, interpret)  # step 3
 
     # Step 4.
@@ -139,7 +172,13 @@ def backward(x, dt, A, B, C, initial_states, seq_idx, dy, dfinal, *, chunk_size,
     dda = jnp.flip(jnp.cumsum(jnp.flip(dcs, -1), axis=-1), -1).reshape(b, h, ns.L)
     ddt = ddt_direct.sum(0) + dda * A.astype(F32)[None, :, None]
     dA = jnp.sum(dda * ns.dt, axis=(0, 2))
-    group_sum = lambda t: t.reshape(ns.npb, b, ns.L, g, r, ns.n_pad).sum((0, 4))[:, :ns.l, :, :ns.n]
-    dinit = None if initial_states is None else dinit[:, :, :ns.p, :ns.n]
-    return (dx[:, :ns.l, :, :ns.p], jnp.moveaxis(ddt, 1, 2)[:, :ns.l], dA,
-            group_sum(db).astype(B.dtype), group_sum(dc).astype(C.dtype), dinit)
+    group_sum = lambda t: t.reshape(ns.npb, b, ns.L, g, r, ns.n_pad).sum((0, 4))[:, : ns.l, :, : ns.n]
+    dinit = None if initial_states is None else dinit[:, :, : ns.p, : ns.n]
+    return (
+        dx[:, : ns.l, :, : ns.p],
+        jnp.moveaxis(ddt, 1, 2)[:, : ns.l],
+        dA,
+        group_sum(db).astype(B.dtype),
+        group_sum(dc).astype(C.dtype),
+        dinit,
+    )

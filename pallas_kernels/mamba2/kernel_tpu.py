@@ -123,8 +123,7 @@ def pack_rows(cs, dtc, din, wout, dec, seg):
     b, h, nc, q = cs.shape
     # Segment ids are position counts (< 2^24), so fp32 holds them exactly for the equality tests.
     segf = jnp.zeros((b, 1, nc, q), F32) if seg is None else seg.reshape(b, 1, nc, q).astype(F32)
-    rows = [cs, dtc, din, wout, jnp.broadcast_to(segf, cs.shape),
-            jnp.broadcast_to(dec[..., None], cs.shape)]
+    rows = [cs, dtc, din, wout, jnp.broadcast_to(segf, cs.shape), jnp.broadcast_to(dec[..., None], cs.shape)]
     rows += [jnp.zeros_like(cs)] * (N_ROWS - len(rows))
     return jnp.stack(rows, axis=3)
 
@@ -142,8 +141,13 @@ def mm_dtype(*dtypes):
 def dot(a, b, contract, dtype):
     """a, b cast to `dtype`, contracting dims `contract` = (a_dim, b_dim), fp32 accumulation."""
     prec = jax.lax.Precision.HIGHEST if dtype == F32 else None
-    return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), (((contract[0],), (contract[1],)), ((), ())),
-                               precision=prec, preferred_element_type=F32)
+    return jax.lax.dot_general(
+        a.astype(dtype),
+        b.astype(dtype),
+        (((contract[0],), (contract[1],)), ((), ())),
+        precision=prec,
+        preferred_element_type=F32,
+    )
 
 
 class ChunkView:
@@ -154,20 +158,21 @@ class ChunkView:
         self.cols = rows.T  # one aligned (8, Q) -> (Q, 8) transpose serves every column view
 
     def col(self, i):
-        return self.cols[:, i:i + 1]
+        return self.cols[:, i : i + 1]
 
     def row(self, i):
-        return self.rows[i:i + 1, :]
+        return self.rows[i : i + 1, :]
 
     @property
     def dec(self):
-        return self.rows[ROW_DEC:ROW_DEC + 1, 0:1]
+        return self.rows[ROW_DEC : ROW_DEC + 1, 0:1]
 
     def decay_matrix(self, has_seg):
         """Lmask (Q, Q): exp(cs_i - cs_j) for j <= i (same segment when has_seg), else exactly 0."""
         q = self.rows.shape[1]
-        keep = (jax.lax.broadcasted_iota(jnp.int32, (q, q), 0)
-                >= jax.lax.broadcasted_iota(jnp.int32, (q, q), 1))
+        keep = jax.lax.broadcasted_iota(jnp.int32, (q, q), 0) >= jax.lax.broadcasted_iota(
+            jnp.int32, (q, q), 1
+        )
         if has_seg:
             keep = keep & (self.col(ROW_SEG) == self.row(ROW_SEG))
         return jnp.exp(jnp.where(keep, self.col(ROW_CS) - self.row(ROW_CS), -jnp.inf))
@@ -235,9 +240,15 @@ def forward_call(rows, xh, Bh, Ch, init, *, has_seg, compute_y, emit_states, blo
         out_shape.append(jax.ShapeDtypeStruct((b, h, nc, p, n), F32))
     out_specs.append(st_spec)
     out_shape.append(jax.ShapeDtypeStruct((b, h, p, n), F32))
-    kernel = functools.partial(_fwd_kernel, hb=hb, has_init=init is not None, has_seg=has_seg,
-                               compute_y=compute_y, emit_states=emit_states,
-                               dtype=mm_dtype(xh.dtype, Bh.dtype, Ch.dtype))
+    kernel = functools.partial(
+        _fwd_kernel,
+        hb=hb,
+        has_init=init is not None,
+        has_seg=has_seg,
+        compute_y=compute_y,
+        emit_states=emit_states,
+        dtype=mm_dtype(xh.dtype, Bh.dtype, Ch.dtype),
+    )
     return pl.pallas_call(
         kernel,
         grid=(b, h // hb, nc),
@@ -269,16 +280,37 @@ def forward(x, dt, A, B, C, initial_states, seq_idx, *, chunk_size, block=None, 
     q, total, seg = layout(x, dt, A, B, C, seq_idx, chunk_size)
     rows = pack_rows(*decay_terms(dt, A, seg, q), seg)  # step 1
     xh, Bh, Ch = (head_major(t, total) for t in (x, B, C))
-    yh, final = forward_call(rows, xh, Bh, Ch, initial_states, has_seg=seg is not None,
-                             compute_y=True, emit_states=False, block=block, interpret=interpret)
+    yh, final = forward_call(
+        rows,
+        xh,
+        Bh,
+        Ch,
+        initial_states,
+        has_seg=seg is not None,
+        compute_y=True,
+        emit_states=False,
+        block=block,
+        interpret=interpret,
+    )
     return jnp.swapaxes(yh, 1, 2)[:, :l], final
 
 
-def backward(x, dt, A, B, C, initial_states, seq_idx, dy, dfinal, *, chunk_size, block=None,
-             interpret=False):
+def backward(x, dt, A, B, C, initial_states, seq_idx, dy, dfinal, *, chunk_size, block=None, interpret=False):
     """The gradient of `forward`; see `kernel_tpu_bwd.backward` (imported here on first use, as
     that module builds on this one)."""
     from pallas_kernels.mamba2 import kernel_tpu_bwd
 
-    return kernel_tpu_bwd.backward(x, dt, A, B, C, initial_states, seq_idx, dy, dfinal,
-                                   chunk_size=chunk_size, block=block, interpret=interpret)
+    return kernel_tpu_bwd.backward(
+        x,
+        dt,
+        A,
+        B,
+        C,
+        initial_states,
+        seq_idx,
+        dy,
+        dfinal,
+        chunk_size=chunk_size,
+        block=block,
+        interpret=interpret,
+    )

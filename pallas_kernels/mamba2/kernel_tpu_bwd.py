@@ -92,16 +92,19 @@ def _bwd_kernel(*refs, hb, has_seg, has_dfinal, want_dinit, dtype):
 
         # 2d.
         dx_ref[k] = (du * dt_c + dv * wout_c).astype(dx_ref.dtype)
-        cols = {kt.ROW_CS: jnp.sum(G, axis=1, keepdims=True),
-                kt.ROW_DT: jnp.sum(du * x, axis=1, keepdims=True),
-                kt.ROW_DIN: ddin,
-                kt.ROW_WOUT: jnp.sum(dv * x, axis=1, keepdims=True)}
+        cols = {
+            kt.ROW_CS: jnp.sum(G, axis=1, keepdims=True),
+            kt.ROW_DT: jnp.sum(du * x, axis=1, keepdims=True),
+            kt.ROW_DIN: ddin,
+            kt.ROW_WOUT: jnp.sum(dv * x, axis=1, keepdims=True),
+        }
         row_terms = {kt.ROW_CS: -jnp.sum(G, axis=0, keepdims=True), kt.ROW_DEC: ddec}
         drows_ref[k] = _pack_grads(cols, row_terms, q)
     db_ref[...] = dB
     dc_ref[...] = dC
 
     if want_dinit:
+
         @pl.when(c == pl.num_programs(2) - 1)
         def _():
             dinit_ref[...] = dh_scr[...]  # 2e.
@@ -128,15 +131,23 @@ def backward_call(rows, xh, Bh, Ch, states, dyh, dfinal, *, has_seg, want_dinit,
         in_specs.append(st_spec)
         args.append(dfinal.astype(F32))
     out_specs = [seq_spec, row_spec, part_spec, part_spec]
-    out_shape = [jax.ShapeDtypeStruct(xh.shape, xh.dtype),
-                 jax.ShapeDtypeStruct(rows.shape, F32),
-                 jax.ShapeDtypeStruct((b, h // hb, nc * q, n), F32),
-                 jax.ShapeDtypeStruct((b, h // hb, nc * q, n), F32)]
+    out_shape = [
+        jax.ShapeDtypeStruct(xh.shape, xh.dtype),
+        jax.ShapeDtypeStruct(rows.shape, F32),
+        jax.ShapeDtypeStruct((b, h // hb, nc * q, n), F32),
+        jax.ShapeDtypeStruct((b, h // hb, nc * q, n), F32),
+    ]
     if want_dinit:
         out_specs.append(st_spec)
         out_shape.append(jax.ShapeDtypeStruct((b, h, p, n), F32))
-    kernel = functools.partial(_bwd_kernel, hb=hb, has_seg=has_seg, has_dfinal=dfinal is not None,
-                               want_dinit=want_dinit, dtype=kt.mm_dtype(xh.dtype, Bh.dtype, Ch.dtype))
+    kernel = functools.partial(
+        _bwd_kernel,
+        hb=hb,
+        has_seg=has_seg,
+        has_dfinal=dfinal is not None,
+        want_dinit=want_dinit,
+        dtype=kt.mm_dtype(xh.dtype, Bh.dtype, Ch.dtype),
+    )
     return pl.pallas_call(
         kernel,
         grid=(b, h // hb, nc),
@@ -149,8 +160,7 @@ def backward_call(rows, xh, Bh, Ch, states, dyh, dfinal, *, has_seg, want_dinit,
     )(*args)
 
 
-def backward(x, dt, A, B, C, initial_states, seq_idx, dy, dfinal, *, chunk_size, block=None,
-             interpret=False):
+def backward(x, dt, A, B, C, initial_states, seq_idx, dy, dfinal, *, chunk_size, block=None, interpret=False):
     """Gradient of `kernel_tpu.forward`: dy (b, l, h, p) fp32, dfinal (b, h, p, n) fp32 or None ->
     (dx in x.dtype, ddt fp32 (b, l, h), dA fp32 (h,), dB in B.dtype, dC in C.dtype,
      dinit fp32 (b, h, p, n), or None when initial_states is None)."""
@@ -162,11 +172,32 @@ def backward(x, dt, A, B, C, initial_states, seq_idx, dy, dfinal, *, chunk_size,
     rows = kt.pack_rows(*terms, seg)
     xh, Bh, Ch = (kt.head_major(t, total) for t in (x, B, C))
     has_seg = seg is not None
-    states, _ = kt.forward_call(rows, xh, Bh, Ch, initial_states, has_seg=has_seg, compute_y=False,
-                                emit_states=True, block=block, interpret=interpret)
+    states, _ = kt.forward_call(
+        rows,
+        xh,
+        Bh,
+        Ch,
+        initial_states,
+        has_seg=has_seg,
+        compute_y=False,
+        emit_states=True,
+        block=block,
+        interpret=interpret,
+    )
     want_dinit = initial_states is not None
-    outs = backward_call(rows, xh, Bh, Ch, states, kt.head_major(dy.astype(F32), total), dfinal,
-                         has_seg=has_seg, want_dinit=want_dinit, block=block, interpret=interpret)
+    outs = backward_call(
+        rows,
+        xh,
+        Bh,
+        Ch,
+        states,
+        kt.head_major(dy.astype(F32), total),
+        dfinal,
+        has_seg=has_seg,
+        want_dinit=want_dinit,
+        block=block,
+        interpret=interpret,
+    )
     dxh, drows, dBp, dCp = outs[:4]
 
     # Step 3.

@@ -29,9 +29,23 @@ _NO_LIMIT = reference.NO_DT_LIMIT
 F32 = jnp.float32
 
 
-def chunk_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None,
-               seq_idx=None, dt_softplus=False, dt_limit=_NO_LIMIT, return_final_states=False,
-               impl="xla"):
+def chunk_scan(
+    x,
+    dt,
+    A,
+    B,
+    C,
+    chunk_size,
+    D=None,
+    z=None,
+    dt_bias=None,
+    initial_states=None,
+    seq_idx=None,
+    dt_softplus=False,
+    dt_limit=_NO_LIMIT,
+    return_final_states=False,
+    impl="xla",
+):
     """Mamba2 chunked scan (`mamba_chunk_scan_combined` semantics).
 
     x (b, l, h, p); dt (b, l, h); A (h,); B, C (b, l, g, n), h % g == 0; D (h,) or (h, p);
@@ -40,27 +54,81 @@ def chunk_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial
     """
     check_impl(impl, "chunk_scan")
     fn = _chunk_scan_xla if impl == "xla" else _chunk_scan_pallas
-    return fn(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx,
-              chunk_size=int(chunk_size), dt_softplus=bool(dt_softplus),
-              dt_limit=tuple(float(v) for v in dt_limit),
-              return_final_states=bool(return_final_states))
+    return fn(
+        x,
+        dt,
+        A,
+        B,
+        C,
+        D,
+        z,
+        dt_bias,
+        initial_states,
+        seq_idx,
+        chunk_size=int(chunk_size),
+        dt_softplus=bool(dt_softplus),
+        dt_limit=tuple(float(v) for v in dt_limit),
+        return_final_states=bool(return_final_states),
+    )
 
 
 _STATIC = ("chunk_size", "dt_softplus", "dt_limit", "return_final_states")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _chunk_scan_xla(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, *, chunk_size,
-                    dt_softplus, dt_limit, return_final_states):
-    return reference.chunk_scan(x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias,
-                                initial_states=initial_states, seq_idx=seq_idx,
-                                dt_softplus=dt_softplus, dt_limit=dt_limit,
-                                return_final_states=return_final_states)
+def _chunk_scan_xla(
+    x,
+    dt,
+    A,
+    B,
+    C,
+    D,
+    z,
+    dt_bias,
+    initial_states,
+    seq_idx,
+    *,
+    chunk_size,
+    dt_softplus,
+    dt_limit,
+    return_final_states,
+):
+    return reference.chunk_scan(
+        x,
+        dt,
+        A,
+        B,
+        C,
+        chunk_size,
+        D=D,
+        z=z,
+        dt_bias=dt_bias,
+        initial_states=initial_states,
+        seq_idx=seq_idx,
+        dt_softplus=dt_softplus,
+        dt_limit=dt_limit,
+        return_final_states=return_final_states,
+    )
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _chunk_scan_pallas(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, *, chunk_size,
-                       dt_softplus, dt_limit, return_final_states):
+def _chunk_scan_pallas(
+    x,
+    dt,
+    A,
+    B,
+    C,
+    D,
+    z,
+    dt_bias,
+    initial_states,
+    seq_idx,
+    *,
+    chunk_size,
+    dt_softplus,
+    dt_limit,
+    return_final_states,
+):
     reference.check_shapes(x, dt, A, B, C)
     dtp = reference.process_dt(dt, dt_bias, dt_softplus, dt_limit)  # step 1
     init = None if initial_states is None else initial_states.astype(F32)
@@ -81,10 +149,18 @@ def _ssd_core(chunk_size, x, dt, A, B, C, initial_states, seq_idx):
     """(y fp32 (b, l, h, p), final_states fp32 (b, h, p, n)) of the SSD scan of processed dt."""
     tpu, gpu = _kernels()
     kw = dict(chunk_size=chunk_size)
-    return by_platform(x, dt, A, B, C, initial_states, seq_idx,
-                       tpu=functools.partial(tpu.forward, **kw),
-                       gpu=functools.partial(gpu.forward, **kw),
-                       other=functools.partial(tpu.forward, interpret=True, **kw))
+    return by_platform(
+        x,
+        dt,
+        A,
+        B,
+        C,
+        initial_states,
+        seq_idx,
+        tpu=functools.partial(tpu.forward, **kw),
+        gpu=functools.partial(gpu.forward, **kw),
+        other=functools.partial(tpu.forward, interpret=True, **kw),
+    )
 
 
 def _ssd_core_fwd(chunk_size, x, dt, A, B, C, initial_states, seq_idx):
@@ -98,18 +174,28 @@ def _ssd_core_bwd(chunk_size, residuals, cotangents):
     tpu, gpu = _kernels()
     kw = dict(chunk_size=chunk_size)
     dx, ddt, dA, dB, dC, dinit = by_platform(
-        x, dt, A, B, C, initial_states, seq_idx, dy.astype(F32), dfinal.astype(F32),
+        x,
+        dt,
+        A,
+        B,
+        C,
+        initial_states,
+        seq_idx,
+        dy.astype(F32),
+        dfinal.astype(F32),
         tpu=functools.partial(tpu.backward, **kw),
         gpu=functools.partial(gpu.backward, **kw),
-        other=functools.partial(tpu.backward, interpret=True, **kw))
+        other=functools.partial(tpu.backward, interpret=True, **kw),
+    )
     return dx, ddt, dA, dB, dC, dinit, None
 
 
 _ssd_core.defvjp(_ssd_core_fwd, _ssd_core_bwd)
 
 
-def state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
-                 dt_limit=_NO_LIMIT, impl="xla"):
+def state_update(
+    state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=_NO_LIMIT, impl="xla"
+):
     """One decode step: state (b, h, p, n); x (b, h, p); dt (b, h); A (h,); B, C (b, g, n);
     D (h,) or (h, p); z (b, h, p); dt_bias (h,). Returns (y (b, h, p) in x.dtype,
     new_state (b, h, p, n) in state.dtype). Inference only: the Pallas kernel has no backward.
@@ -117,14 +203,26 @@ def state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplu
     caller donates it."""
     check_impl(impl, "state_update")
     fn = _state_update_xla if impl == "xla" else _state_update_pallas
-    return fn(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus=bool(dt_softplus),
-              dt_limit=tuple(float(v) for v in dt_limit))
+    return fn(
+        state,
+        x,
+        dt,
+        A,
+        B,
+        C,
+        D,
+        z,
+        dt_bias,
+        dt_softplus=bool(dt_softplus),
+        dt_limit=tuple(float(v) for v in dt_limit),
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("dt_softplus", "dt_limit"))
 def _state_update_xla(state, x, dt, A, B, C, D, z, dt_bias, *, dt_softplus, dt_limit):
-    return reference.state_update(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias,
-                                  dt_softplus=dt_softplus, dt_limit=dt_limit)
+    return reference.state_update(
+        state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, dt_limit=dt_limit
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("dt_softplus", "dt_limit"))
@@ -132,8 +230,16 @@ def _state_update_pallas(state, x, dt, A, B, C, D, z, dt_bias, *, dt_softplus, d
     from pallas_kernels.mamba2 import kernel_decode
 
     dtp = reference.process_dt(dt, dt_bias, dt_softplus, dt_limit)
-    y, new = by_platform(state.astype(F32), x, dtp, A.astype(F32), B, C,
-                         tpu=kernel_decode.state_update_tpu, gpu=kernel_decode.state_update_gpu,
-                         other=functools.partial(kernel_decode.state_update_tpu, interpret=True))
+    y, new = by_platform(
+        state.astype(F32),
+        x,
+        dtp,
+        A.astype(F32),
+        B,
+        C,
+        tpu=kernel_decode.state_update_tpu,
+        gpu=kernel_decode.state_update_gpu,
+        other=functools.partial(kernel_decode.state_update_tpu, interpret=True),
+    )
     y = reference.skip_and_gate(y, x, D, z).astype(x.dtype)
     return y, new.astype(state.dtype)

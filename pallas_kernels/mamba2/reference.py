@@ -176,8 +176,22 @@ def check_shapes(x, dt, A, B, C):
         raise ValueError(f"nheads {h} must be a multiple of ngroups {B.shape[2]}")
 
 
-def chunk_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None,
-               seq_idx=None, dt_softplus=False, dt_limit=NO_DT_LIMIT, return_final_states=False):
+def chunk_scan(
+    x,
+    dt,
+    A,
+    B,
+    C,
+    chunk_size,
+    D=None,
+    z=None,
+    dt_bias=None,
+    initial_states=None,
+    seq_idx=None,
+    dt_softplus=False,
+    dt_limit=NO_DT_LIMIT,
+    return_final_states=False,
+):
     """Mamba2 SSD chunked scan (see the module docstring for layouts and the numbered steps).
 
     x (b, l, h, p); dt (b, l, h); A (h,); B, C (b, l, g, n); D (h,) or (h, p); z (b, l, h, p);
@@ -224,8 +238,9 @@ def chunk_scan(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial
     return y
 
 
-def state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
-                 dt_limit=NO_DT_LIMIT):
+def state_update(
+    state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=NO_DT_LIMIT
+):
     """One decode step of the recurrence.
 
     state (b, h, p, n); x (b, h, p); dt (b, h); A (h,); B, C (b, g, n); D (h,) or (h, p);

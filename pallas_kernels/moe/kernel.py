@@ -78,7 +78,10 @@ def gather_combine(x, idx, weights=None, dot_with=None, *, top_k=1):
     """
     branch = lambda fn: functools.partial(fn, top_k=top_k)
     return by_platform(
-        x, idx, weights, dot_with,
+        x,
+        idx,
+        weights,
+        dot_with,
         tpu=branch(_tpu_or_xla(False)),
         gpu=branch(kernel_gpu.gather_combine),
         other=branch(_tpu_or_xla(True)),
@@ -177,10 +180,13 @@ def grouped_matmul(lhs, rhs, group_sizes, out_dtype=None):
     group_sizes = group_sizes.astype(jnp.int32)
     if not megablox_applies(lhs, rhs):
         return _ragged_dot(lhs, rhs, group_sizes, out_dtype)
-    mb = lambda interpret: functools.partial(grouped_matmul_megablox, out_dtype=out_dtype,
-                                             interpret=interpret)
+    mb = lambda interpret: functools.partial(
+        grouped_matmul_megablox, out_dtype=out_dtype, interpret=interpret
+    )
     return by_platform(
-        lhs, rhs, group_sizes,
+        lhs,
+        rhs,
+        group_sizes,
         tpu=mb(False),
         gpu=functools.partial(_ragged_dot, out_dtype=out_dtype),
         other=mb(True),

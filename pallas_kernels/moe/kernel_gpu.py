@@ -50,8 +50,7 @@ def _kernel(idx_ref, x_ref, *refs, m, d, top_k, rows, cols, weighted, with_dot):
     row_ok = row < m
     # Step 1.
     src = [plgpu.load(idx_ref.at[row * top_k + j], mask=row_ok, other=0) for j in range(top_k)]
-    gate = [plgpu.load(w_ref.at[row, j], mask=row_ok, other=0.0) if weighted else None
-            for j in range(top_k)]
+    gate = [plgpu.load(w_ref.at[row, j], mask=row_ok, other=0.0) if weighted else None for j in range(top_k)]
 
     # Step 2.
     def chunk(c, dots):
@@ -60,8 +59,7 @@ def _kernel(idx_ref, x_ref, *refs, m, d, top_k, rows, cols, weighted, with_dot):
         # Integer-array indices on both axes (not a pl.ds for the columns): interpret mode only
         # discharges loads whose indices are all arrays or all slices.
         span = col[None, :]
-        vals = [plgpu.load(x_ref.at[src[j][:, None], span], mask=ok, other=0)
-                for j in range(top_k)]
+        vals = [plgpu.load(x_ref.at[src[j][:, None], span], mask=ok, other=0) for j in range(top_k)]
         if top_k == 1 and not weighted:
             plgpu.store(out_ref.at[row[:, None], span], vals[0], mask=ok)
         else:
@@ -73,8 +71,7 @@ def _kernel(idx_ref, x_ref, *refs, m, d, top_k, rows, cols, weighted, with_dot):
         if not with_dot:
             return dots
         other = plgpu.load(dw_ref.at[row[:, None], span], mask=ok, other=0).astype(jnp.float32)
-        return tuple(dots[j] + jnp.sum(vals[j].astype(jnp.float32) * other, axis=1)
-                     for j in range(top_k))
+        return tuple(dots[j] + jnp.sum(vals[j].astype(jnp.float32) * other, axis=1) for j in range(top_k))
 
     zero = tuple(jnp.zeros((rows,), jnp.float32) for _ in range(top_k)) if with_dot else ()
     dots = jax.lax.fori_loop(0, pl.cdiv(d, cols), chunk, zero)
@@ -119,7 +116,13 @@ def gather_combine(
     if dot_with is not None:
         out_shape.append(shape_like(x, (m, top_k), jnp.float32))
     kernel = functools.partial(
-        _kernel, m=m, d=d, top_k=top_k, rows=rows, cols=cols, weighted=weights is not None,
+        _kernel,
+        m=m,
+        d=d,
+        top_k=top_k,
+        rows=rows,
+        cols=cols,
+        weighted=weights is not None,
         with_dot=dot_with is not None,
     )
     outs = pl.pallas_call(

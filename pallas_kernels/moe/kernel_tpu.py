@@ -94,8 +94,10 @@ def fits(x_shape, dtype, block: TpuRowBlock = TpuRowBlock()) -> bool:
     """Whether `gather_combine` can run for source rows of this shape and dtype."""
     n, d = x_shape
     n += n % 2  # bf16 panels are padded to an even number of rows
-    return (jnp.dtype(dtype) in SUPPORTED_DTYPES
-            and column_tile(n, d, jnp.dtype(dtype).itemsize, block.panel_bytes) is not None)
+    return (
+        jnp.dtype(dtype) in SUPPORTED_DTYPES
+        and column_tile(n, d, jnp.dtype(dtype).itemsize, block.panel_bytes) is not None
+    )
 
 
 def _load_row(panel, src, packed):
@@ -204,8 +206,12 @@ def gather_combine(
         out_shape.append(shape_like(x, (ncols, m, top_k), jnp.float32))
 
     kernel = functools.partial(
-        _kernel, top_k=top_k, rows=rows, weighted=weights is not None,
-        with_dot=dot_with is not None, packed=packed,
+        _kernel,
+        top_k=top_k,
+        rows=rows,
+        weighted=weights is not None,
+        with_dot=dot_with is not None,
+        packed=packed,
     )
     outs = pl.pallas_call(
         kernel,
@@ -220,8 +226,9 @@ def gather_combine(
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel"), vmem_limit_bytes=block.vmem_limit_bytes
         ),
-        cost_estimate=pl.CostEstimate(flops=2 * m * top_k * d, transcendentals=0,
-                                      bytes_accessed=(n + 2 * m) * d * x.dtype.itemsize),
+        cost_estimate=pl.CostEstimate(
+            flops=2 * m * top_k * d, transcendentals=0, bytes_accessed=(n + 2 * m) * d * x.dtype.itemsize
+        ),
         interpret=interpret,
         name="moe_gather_combine",
     )(idx, *operands)

@@ -53,9 +53,7 @@ def grouped_matmul(
     return reference.grouped_matmul(lhs, rhs, group_sizes, preferred_element_type)
 
 
-def unpermute(
-    y_sorted: jax.Array, order: jax.Array, weights: jax.Array, impl: str = "xla"
-) -> jax.Array:
+def unpermute(y_sorted: jax.Array, order: jax.Array, weights: jax.Array, impl: str = "xla") -> jax.Array:
     """(T*k, d) -> (T, d) gate-weighted sum over choices; see `reference.unpermute`."""
     check_impl(impl, "moe.unpermute")
     if impl == "pallas":

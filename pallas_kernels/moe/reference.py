@@ -135,10 +135,7 @@ def capacity_positions(expert_ids: jax.Array, num_experts: int) -> jax.Array:
 
 def _kept(expert_ids, positions, capacity, num_experts):
     return (
-        (positions >= 0)
-        & (positions < capacity)
-        & (expert_ids >= 0)
-        & (expert_ids < num_experts)
+        (positions >= 0) & (positions < capacity) & (expert_ids >= 0) & (expert_ids < num_experts)
     )  # [G, S, K]
 
 
@@ -206,8 +203,7 @@ def capacity_dispatch(
 
 
 def _dispatch_fwd(x, expert_ids, positions, capacity, num_experts):
-    return capacity_dispatch(x, expert_ids, positions, capacity, num_experts), (
-        expert_ids, positions)
+    return capacity_dispatch(x, expert_ids, positions, capacity, num_experts), (expert_ids, positions)
 
 
 def _dispatch_bwd(capacity, num_experts, res, dbuf):
@@ -276,8 +272,9 @@ def _combine_bwd(capacity, num_experts, res, dout):
     rows, w, expert_ids, positions, w_like = res
     g, s, k, _ = rows.shape
     src = _slot_sources(expert_ids, positions, capacity, num_experts)  # [E, G, C]
-    w_slot = w.reshape(g, s * k).at[jnp.arange(g)[None, :, None], src].get(
-        mode="fill", fill_value=0)  # [E, G, C]; 0 for empty slots
+    w_slot = (
+        w.reshape(g, s * k).at[jnp.arange(g)[None, :, None], src].get(mode="fill", fill_value=0)
+    )  # [E, G, C]; 0 for empty slots
     d32 = dout.astype(jnp.float32)  # [G, S, d]
     dy = _slot_rows(d32, src, k) * w_slot[..., None]  # [E, G, C, d]
     kept = _kept(expert_ids, positions, capacity, num_experts)  # [G, S, K]

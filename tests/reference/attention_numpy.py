@@ -58,8 +58,17 @@ def rope(v: np.ndarray, pos: int, theta: float, alpha: float) -> np.ndarray:
     return out
 
 
-def attention_forward(x, weights: dict, segment_ids, *, num_heads: int, num_kv_heads: int,
-                      rope_theta: float, rope_alpha: float, eps: float = 1e-5) -> np.ndarray:
+def attention_forward(
+    x,
+    weights: dict,
+    segment_ids,
+    *,
+    num_heads: int,
+    num_kv_heads: int,
+    rope_theta: float,
+    rope_alpha: float,
+    eps: float = 1e-5,
+) -> np.ndarray:
     """x (B, L, D), segment_ids (B, L) -> (B, L, D), float64."""
     x = _f64(x)
     w = {k: _f64(v) for k, v in weights.items()}

@@ -63,8 +63,9 @@ def fused_from_jax(mixer) -> dict[str, np.ndarray]:
     }
 
 
-def causal_conv1d(u: np.ndarray, weight: np.ndarray, bias: np.ndarray,
-                  seq_idx: np.ndarray | None) -> np.ndarray:
+def causal_conv1d(
+    u: np.ndarray, weight: np.ndarray, bias: np.ndarray, seq_idx: np.ndarray | None
+) -> np.ndarray:
     """Depthwise causal conv, u (B, L, C), weight (C, 1, K), bias (C,) -> (B, L, C), no activation.
 
     out[b, t, c] = bias[c] + sum_k weight[c, 0, k] * u[b, t - (K - 1) + k, c] (cross-correlation
@@ -85,8 +86,9 @@ def causal_conv1d(u: np.ndarray, weight: np.ndarray, bias: np.ndarray,
     return out
 
 
-def gated_rmsnorm(y: np.ndarray, z: np.ndarray, weight: np.ndarray, group_size: int,
-                  eps: float) -> np.ndarray:
+def gated_rmsnorm(
+    y: np.ndarray, z: np.ndarray, weight: np.ndarray, group_size: int, eps: float
+) -> np.ndarray:
     """RMSNormGated(norm_before_gate=False): rmsnorm(y * silu(z)) per channel group, * weight."""
     g = y * silu(z)
     out = np.empty_like(g)
@@ -97,8 +99,18 @@ def gated_rmsnorm(y: np.ndarray, z: np.ndarray, weight: np.ndarray, group_size: 
     return out * weight
 
 
-def mamba2_forward(u, weights: dict, *, heads: int, head_dim: int, groups: int, d_state: int,
-                   eps: float = 1e-5, dt_limit=(0.0, INF), seq_idx=None) -> np.ndarray:
+def mamba2_forward(
+    u,
+    weights: dict,
+    *,
+    heads: int,
+    head_dim: int,
+    groups: int,
+    d_state: int,
+    eps: float = 1e-5,
+    dt_limit=(0.0, INF),
+    seq_idx=None,
+) -> np.ndarray:
     """mamba_ssm `Mamba2.forward` (no cache): u (B, L, D) -> (B, L, D), all in float64."""
     u = _f64(u)
     w = {k: _f64(v) for k, v in weights.items()}

@@ -20,7 +20,18 @@ from turbos_jax.data.sources import DataError, load_source
 from turbos_jax.data.tokenizers import ByteTokenizer, check_vocab, load_tokenizer
 
 __all__ = [
-    "BATCH_KEYS", "ByteTokenizer", "DataError", "MixtureIterator", "PackIterator", "check_vocab",
-    "load_source", "load_tokenizer", "make_eval_iterator", "make_train_iterator", "parse_mixture",
-    "rows_to_batch", "segment_positions", "split_documents",
+    "BATCH_KEYS",
+    "ByteTokenizer",
+    "DataError",
+    "MixtureIterator",
+    "PackIterator",
+    "check_vocab",
+    "load_source",
+    "load_tokenizer",
+    "make_eval_iterator",
+    "make_train_iterator",
+    "parse_mixture",
+    "rows_to_batch",
+    "segment_positions",
+    "split_documents",
 ]

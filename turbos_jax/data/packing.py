@@ -53,8 +53,9 @@ class Tokenize:
 class PackIterator(grain.DatasetIterator):
     """Packs token arrays from `parent` into {"tokens", "segment_ids"} rows of `row_len`."""
 
-    def __init__(self, parent: grain.DatasetIterator, row_len: int, *,
-                 max_empty: int | None = None, name: str = "?"):
+    def __init__(
+        self, parent: grain.DatasetIterator, row_len: int, *, max_empty: int | None = None, name: str = "?"
+    ):
         super().__init__(parent)
         self._row_len, self._max_empty, self._name = row_len, max_empty, name
         self._empty = 0  # consecutive empty documents (an all-empty endless stream never packs)
@@ -85,14 +86,15 @@ class PackIterator(grain.DatasetIterator):
                 if self._offset == len(self._doc):  # empty document
                     self._empty += len(self._doc) == 0
                     if self._max_empty is not None and self._empty > self._max_empty:
-                        raise DataError(f"config.data.sources.{self._name}: every document "
-                                        "tokenises to zero tokens")
+                        raise DataError(
+                            f"config.data.sources.{self._name}: every document tokenises to zero tokens"
+                        )
                     continue
                 self._empty = 0
             take = min(self._row_len - n, len(self._doc) - self._offset)
             seg += 1
-            tokens[n:n + take] = self._doc[self._offset:self._offset + take]
-            segs[n:n + take] = seg
+            tokens[n : n + take] = self._doc[self._offset : self._offset + take]
+            segs[n : n + take] = seg
             n += take
             self._offset += take
         if n == 0:
@@ -127,8 +129,7 @@ def segment_positions(segment_ids: np.ndarray) -> np.ndarray:
     """(B, L) positions restarting at 0 wherever the segment id changes (as the model computes)."""
     b, l = segment_ids.shape
     idx = np.broadcast_to(np.arange(l, dtype=np.int32), (b, l))
-    starts = np.concatenate(
-        [np.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    starts = np.concatenate([np.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
     return (idx - np.maximum.accumulate(np.where(starts, idx, 0), axis=1)).astype(np.int32)
 
 

@@ -64,8 +64,10 @@ def process_index_and_count(process_index=None, process_count=None) -> tuple[int
 def local_batch_size(config, process_count: int) -> int:
     b = config.batch_size
     if not isinstance(b, int) or b < 1 or b % process_count:
-        raise DataError(f"config.batch_size={b!r}: must be a positive multiple of the "
-                        f"{process_count} processes (each loads batch_size / process_count rows)")
+        raise DataError(
+            f"config.batch_size={b!r}: must be a positive multiple of the "
+            f"{process_count} processes (each loads batch_size / process_count rows)"
+        )
     if not isinstance(config.seq_len, int) or config.seq_len < 1:
         raise DataError(f"config.seq_len={config.seq_len!r}: must be a positive integer")
     return b // process_count
@@ -76,33 +78,36 @@ def parse_mixture(config) -> list[tuple[int, dict[str, float]]]:
     mixture, sources = config.data.mixture, list(config.data.sources.keys())
     where = "config.data.mixture"
     if isinstance(mixture, str | bytes) or not hasattr(mixture, "__len__") or not mixture:
-        raise DataError(f"{where}: must be a non-empty sequence of (first_step, {{source: weight}})"
-                        f" phases, got {mixture!r}")
+        raise DataError(
+            f"{where}: must be a non-empty sequence of (first_step, {{source: weight}})"
+            f" phases, got {mixture!r}"
+        )
     phases = []
     for i, phase in enumerate(mixture):
         if not isinstance(phase, tuple | list) or len(phase) != 2 or not hasattr(phase[1], "keys"):
-            raise DataError(f"{where}: phase {i} must be (first_step, {{source: weight}}), "
-                            f"got {phase!r}")
+            raise DataError(f"{where}: phase {i} must be (first_step, {{source: weight}}), got {phase!r}")
         first, weights = phase
         if isinstance(first, bool) or not isinstance(first, int | np.integer) or first < 0:
-            raise DataError(f"{where}: phase {i} first_step must be an integer >= 0, "
-                            f"got {first!r}")
+            raise DataError(f"{where}: phase {i} first_step must be an integer >= 0, got {first!r}")
         if i == 0 and first != 0:
             raise DataError(f"{where}: the first phase must start at step 0, got {first}")
         if i and first <= phases[-1][0]:
-            raise DataError(f"{where}: phase {i} starts at step {first}, not after phase "
-                            f"{i - 1} (step {phases[-1][0]}); first steps must increase")
+            raise DataError(
+                f"{where}: phase {i} starts at step {first}, not after phase "
+                f"{i - 1} (step {phases[-1][0]}); first steps must increase"
+            )
         if not weights:
             raise DataError(f"{where}: phase {i} names no sources")
         clean = {}
         for name in weights.keys():
             w = weights[name]
             if name not in sources:
-                raise DataError(f"{where}: phase {i} names source {name!r}, which is not in "
-                                f"config.data.sources ({', '.join(sources)})")
+                raise DataError(
+                    f"{where}: phase {i} names source {name!r}, which is not in "
+                    f"config.data.sources ({', '.join(sources)})"
+                )
             if isinstance(w, bool) or not isinstance(w, int | float) or not 0 < w < math.inf:
-                raise DataError(f"{where}: phase {i} weight of {name!r} must be a positive "
-                                f"number, got {w!r}")
+                raise DataError(f"{where}: phase {i} weight of {name!r} must be a positive number, got {w!r}")
             clean[str(name)] = float(w)
         phases.append((int(first), clean))
     return phases
@@ -163,8 +168,7 @@ def _cached_source(name: str, spec: str, text_key: str):
     """load_source, reused while the matched files are unchanged (eval rebuilds its iterator)."""
     pattern = os.path.expanduser(str(spec))
     paths = [pattern] if os.path.isfile(pattern) else sorted(glob.glob(pattern, recursive=True))
-    files = tuple((p, s.st_size, s.st_mtime_ns) for p in paths if os.path.isfile(p)
-                  for s in [os.stat(p)])
+    files = tuple((p, s.st_size, s.st_mtime_ns) for p in paths if os.path.isfile(p) for s in [os.stat(p)])
     key = (name, spec, text_key, files)
     if key not in _SOURCES:
         if len(_SOURCES) >= 16:
@@ -206,9 +210,13 @@ class _Running(grain.IterDataset):
 class MixtureIterator(grain.DatasetIterator):
     """Batches of B rows mixed from per-source row streams by the phase of the current step."""
 
-    def __init__(self, streams: dict[str, grain.DatasetIterator],
-                 phases: list[tuple[int, dict[str, float]]], batch_size: int,
-                 num_batches: int | None = None):
+    def __init__(
+        self,
+        streams: dict[str, grain.DatasetIterator],
+        phases: list[tuple[int, dict[str, float]]],
+        batch_size: int,
+        num_batches: int | None = None,
+    ):
         super().__init__(list(streams.values()))
         self._streams, self._phases = streams, phases
         self._firsts = [first for first, _ in phases]
@@ -219,7 +227,8 @@ class MixtureIterator(grain.DatasetIterator):
         weights = self._phases[phase][1]
         names = sorted(weights)
         self._mix = grain.IterDataset.mix(
-            [_Running(self._streams[n]) for n in names], [weights[n] for n in names]).__iter__()
+            [_Running(self._streams[n]) for n in names], [weights[n] for n in names]
+        ).__iter__()
         self._phase = phase
 
     def __next__(self) -> dict[str, np.ndarray]:
@@ -247,8 +256,11 @@ class MixtureIterator(grain.DatasetIterator):
                 it.set_state(state["sources"][name])
         self._step, self._phase, self._mix = int(state["step"]), -1, None
         phase = state["phase"]
-        if state["mix"] is not None and 0 <= phase < len(self._phases) and \
-                self._phases[phase][1] == state["weights"]:
+        if (
+            state["mix"] is not None
+            and 0 <= phase < len(self._phases)
+            and self._phases[phase][1] == state["weights"]
+        ):
             self._enter(phase)
             self._mix.set_state(state["mix"])
 
@@ -277,8 +289,9 @@ def _stream(name, docs: grain.MapDataset, n_docs, tokenizer, row_len, workers) -
     return PackIterator(ds.__iter__(), row_len, max_empty=n_docs, name=name)
 
 
-def make_train_iterator(config, *, process_index: int | None = None,
-                        process_count: int | None = None) -> MixtureIterator:
+def make_train_iterator(
+    config, *, process_index: int | None = None, process_count: int | None = None
+) -> MixtureIterator:
     """Endless, checkpointable iterator of this process's training batches (see module doc)."""
     pi, pc, batch, phases, tokenizer, frac = _setup(config, process_index, process_count)
     workers = _worker_count(config)
@@ -288,17 +301,24 @@ def make_train_iterator(config, *, process_index: int | None = None,
         train, _ = split_documents(len(source), frac)
         shard = train[pi::pc]
         if len(shard) == 0:
-            raise DataError(f"config.data.sources.{name}: {len(train)} training document(s) "
-                            f"(after config.data.eval_fraction={frac}) for {pc} processes")
+            raise DataError(
+                f"config.data.sources.{name}: {len(train)} training document(s) "
+                f"(after config.data.eval_fraction={frac}) for {pc} processes"
+            )
         docs = grain.MapDataset.source(Subset(source, shard))
         docs = docs.shuffle(seed=_seed(config.seed, name, pi)).repeat(None)
         streams[name] = _stream(name, docs, len(shard), tokenizer, config.seq_len + 1, workers)
     return MixtureIterator(streams, phases, batch)
 
 
-def make_eval_iterator(config, *, step: int = 0, num_batches: int | None = None,
-                       process_index: int | None = None,
-                       process_count: int | None = None) -> MixtureIterator:
+def make_eval_iterator(
+    config,
+    *,
+    step: int = 0,
+    num_batches: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> MixtureIterator:
     """`num_batches` (default config.eval_batches) held-out batches, the same on every call."""
     pi, pc, batch, phases, tokenizer, frac = _setup(config, process_index, process_count)
     weights = phases[bisect.bisect_right([f for f, _ in phases], step) - 1][1]
@@ -307,8 +327,10 @@ def make_eval_iterator(config, *, step: int = 0, num_batches: int | None = None,
         source = _cached_source(name, config.data.sources[name], config.data.text_key)
         _, held = split_documents(len(source), frac)
         if len(held) == 0:
-            raise DataError(f"config.data.eval_fraction={frac}: no held-out documents in "
-                            f"config.data.sources.{name} to evaluate on")
+            raise DataError(
+                f"config.data.eval_fraction={frac}: no held-out documents in "
+                f"config.data.sources.{name} to evaluate on"
+            )
         shard = held[pi::pc] if len(held) >= pc else held
         docs = grain.MapDataset.source(Subset(source, shard)).repeat(None)
         streams[name] = _stream(name, docs, len(shard), tokenizer, config.seq_len + 1, 0)

@@ -95,7 +95,7 @@ class JsonlFile:
                 ends.append(np.flatnonzero(np.frombuffer(chunk, np.uint8) == 10) + size)
                 size, last = size + len(chunk), chunk[-1:]
             ends = np.concatenate([*ends, [size] if last != b"\n" else []]).astype(np.int64)
-            starts = np.concatenate([[0], ends[:-1] + 1])[:len(ends)].astype(np.int64)
+            starts = np.concatenate([[0], ends[:-1] + 1])[: len(ends)].astype(np.int64)
             keep = ends - starts > 0
             for j in np.flatnonzero(keep & (ends - starts < 8)):  # short lines: whitespace only?
                 f.seek(starts[j])
@@ -152,8 +152,9 @@ class ArrayRecordFile:
         try:
             record = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not valid JSON ({e.msg}); the file's first record is "
-                            "JSON, so every record must be") from None
+            raise DataError(
+                f"{where}: not valid JSON ({e.msg}); the file's first record is JSON, so every record must be"
+            ) from None
         if not isinstance(record, dict) or not isinstance(record.get(self.text_key), str):
             raise DataError(f"{where}: not a JSON object with a string field {self.text_key!r}")
         return record[self.text_key]
@@ -166,8 +167,9 @@ class ParquetFile:
         self.path, self.text_key, self._where = path, text_key, where
         meta = _pyarrow_parquet(where).ParquetFile(path).metadata
         if text_key not in meta.schema.names:
-            raise DataError(f"{where}: {path}: no column {text_key!r} "
-                            f"(columns: {', '.join(meta.schema.names)})")
+            raise DataError(
+                f"{where}: {path}: no column {text_key!r} (columns: {', '.join(meta.schema.names)})"
+            )
         rows = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
         self._offsets = np.concatenate([[0], np.cumsum(rows, dtype=np.int64)])
         self._file, self._group, self._texts = None, -1, []
@@ -184,8 +186,10 @@ class ParquetFile:
             self._texts, self._group = table.column(0).to_pylist(), group
         text = self._texts[i - int(self._offsets[group])]
         if not isinstance(text, str):
-            raise DataError(f"{self._where}: {self.path}: row {i}: column {self.text_key!r} "
-                            f"holds {type(text).__name__}, not a string")
+            raise DataError(
+                f"{self._where}: {self.path}: row {i}: column {self.text_key!r} "
+                f"holds {type(text).__name__}, not a string"
+            )
         return text
 
     def __getstate__(self):

@@ -47,14 +47,15 @@ class SentencePieceTokenizer:
         try:
             import sentencepiece
         except ImportError:
-            raise DataError(f"config.data.tokenizer={path!r}: a SentencePiece model needs the "
-                            "sentencepiece package (pip install sentencepiece)") from None
+            raise DataError(
+                f"config.data.tokenizer={path!r}: a SentencePiece model needs the "
+                "sentencepiece package (pip install sentencepiece)"
+            ) from None
         try:
             self._sp = sentencepiece.SentencePieceProcessor(model_file=path)
         except (OSError, RuntimeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DataError(f"config.data.tokenizer={path!r}: not a SentencePiece model "
-                            f"({first})") from None
+            raise DataError(f"config.data.tokenizer={path!r}: not a SentencePiece model ({first})") from None
         self.vocab_size = int(self._sp.get_piece_size())
         eos = int(self._sp.eos_id())
         self.eos_id = eos if eos >= 0 else None
@@ -80,14 +81,15 @@ class HFTokenizer:
         try:
             import tokenizers
         except ImportError:
-            raise DataError(f"config.data.tokenizer={path!r}: a tokenizer.json needs the "
-                            "tokenizers package (pip install tokenizers)") from None
+            raise DataError(
+                f"config.data.tokenizer={path!r}: a tokenizer.json needs the "
+                "tokenizers package (pip install tokenizers)"
+            ) from None
         try:
             self._tok = tokenizers.Tokenizer.from_file(path)
         except Exception as e:  # the Rust side raises a plain Exception
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise DataError(f"config.data.tokenizer={path!r}: not a HF tokenizer.json "
-                            f"({first})") from None
+            raise DataError(f"config.data.tokenizer={path!r}: not a HF tokenizer.json ({first})") from None
         self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
         ids = (self._tok.token_to_id(t) for t in HF_EOS_TOKENS)
         self.eos_id = next((i for i in ids if i is not None), None)
@@ -111,19 +113,25 @@ def load_tokenizer(spec: str):
         return ByteTokenizer()
     path = os.path.expanduser(str(spec))
     if not os.path.isfile(path):
-        raise DataError(f"config.data.tokenizer={spec!r}: no such file (expected \"bytes\", a "
-                        "SentencePiece .model or a HF tokenizer.json)")
+        raise DataError(
+            f'config.data.tokenizer={spec!r}: no such file (expected "bytes", a '
+            "SentencePiece .model or a HF tokenizer.json)"
+        )
     if path.endswith(".model"):
         return SentencePieceTokenizer(path)
     if path.endswith(".json"):
         return HFTokenizer(path)
-    raise DataError(f"config.data.tokenizer={spec!r}: unknown tokenizer file type (expected a "
-                    "SentencePiece .model or a HF tokenizer.json)")
+    raise DataError(
+        f"config.data.tokenizer={spec!r}: unknown tokenizer file type (expected a "
+        "SentencePiece .model or a HF tokenizer.json)"
+    )
 
 
 def check_vocab(tokenizer, model_vocab_size: int) -> None:
     """Raises DataError unless every id of `tokenizer` is a valid row of the model's embedding."""
     if tokenizer.vocab_size > model_vocab_size:
-        raise DataError(f"config.data.tokenizer={tokenizer.name!r} has {tokenizer.vocab_size} "
-                        f"token ids but config.model.vocab_size={model_vocab_size}: the model "
-                        "vocabulary must be at least as large")
+        raise DataError(
+            f"config.data.tokenizer={tokenizer.name!r} has {tokenizer.vocab_size} "
+            f"token ids but config.model.vocab_size={model_vocab_size}: the model "
+            "vocabulary must be at least as large"
+        )

@@ -43,8 +43,7 @@ def generation_graphdef(graphdef, params, **overrides):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling"))
-def _generate(graphdef, params, prompts, lengths, rng, eos_id, pad_id, *, max_new_tokens,
-              sampling):
+def _generate(graphdef, params, prompts, lengths, rng, eos_id, pad_id, *, max_new_tokens, sampling):
     model = nnx.merge(graphdef, params)
     b, l = prompts.shape
     logits, cache = model.prefill(prompts, lengths, l + max_new_tokens)
@@ -73,17 +72,26 @@ def _generate(graphdef, params, prompts, lengths, rng, eos_id, pad_id, *, max_ne
     return out, count
 
 
-def generate(graphdef, params, prompts, lengths, *, max_new_tokens: int,
-             sampling: SamplingParams | None = None, rng=None, eos_id: int | None = None,
-             pad_id: int | None = None, **cfg_overrides):
+def generate(
+    graphdef,
+    params,
+    prompts,
+    lengths,
+    *,
+    max_new_tokens: int,
+    sampling: SamplingParams | None = None,
+    rng=None,
+    eos_id: int | None = None,
+    pad_id: int | None = None,
+    **cfg_overrides,
+):
     """See the module docstring. `cfg_overrides` go to `generation_graphdef` (cache dtypes)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
     prompts = jnp.asarray(prompts, jnp.int32)
     lengths = jnp.asarray(lengths, jnp.int32)
     if prompts.ndim != 2 or lengths.shape != prompts.shape[:1]:
-        raise ValueError(f"prompts must be (B, L) and lengths (B,); got {prompts.shape}, "
-                         f"{lengths.shape}")
+        raise ValueError(f"prompts must be (B, L) and lengths (B,); got {prompts.shape}, {lengths.shape}")
     if not isinstance(lengths, jax.core.Tracer):
         lo, hi = int(jnp.min(lengths)), int(jnp.max(lengths))
         if lo < 1 or hi > prompts.shape[1]:
@@ -93,5 +101,14 @@ def generate(graphdef, params, prompts, lengths, *, max_new_tokens: int,
     rng = jax.random.key(0) if rng is None else rng
     pad = (eos_id if eos_id is not None else 0) if pad_id is None else pad_id
     eos = jnp.int32(-1 if eos_id is None else eos_id)
-    return _generate(gdef, params, prompts, lengths, rng, eos, jnp.int32(pad),
-                     max_new_tokens=int(max_new_tokens), sampling=sampling)
+    return _generate(
+        gdef,
+        params,
+        prompts,
+        lengths,
+        rng,
+        eos,
+        jnp.int32(pad),
+        max_new_tokens=int(max_new_tokens),
+        sampling=sampling,
+    )

@@ -37,10 +37,12 @@ def layer_cache_shapes(symbol: str, cfg: ModelConfig, batch: int, max_len: int) 
     if symbol == "M":
         w, h, p = cfg.mamba_conv - 1, cfg.mamba_heads, cfg.mamba_head_dim
         g, n = cfg.mamba_groups, cfg.mamba_d_state
-        return {"conv_x": sds((batch, w, h, p), cfg.dtype),
-                "conv_B": sds((batch, w, g, n), cfg.dtype),
-                "conv_C": sds((batch, w, g, n), cfg.dtype),
-                "ssm": sds((batch, h, p, n), cfg.ssm_state_dtype)}
+        return {
+            "conv_x": sds((batch, w, h, p), cfg.dtype),
+            "conv_B": sds((batch, w, g, n), cfg.dtype),
+            "conv_C": sds((batch, w, g, n), cfg.dtype),
+            "ssm": sds((batch, h, p, n), cfg.ssm_state_dtype),
+        }
     return {}
 
 
@@ -49,10 +51,13 @@ def cache_shapes(cfg: ModelConfig, batch: int, max_len: int) -> dict:
     split = cfg.layout_split
     one = lambda s: layer_cache_shapes(s, cfg, batch, max_len)
     stack = lambda tree: jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct((split.repeats, *a.shape), a.dtype), tree)
-    layers = {"prefix": [one(s) for s in split.prefix],
-              "period": [stack(one(s)) for s in split.period],
-              "suffix": [one(s) for s in split.suffix]}
+        lambda a: jax.ShapeDtypeStruct((split.repeats, *a.shape), a.dtype), tree
+    )
+    layers = {
+        "prefix": [one(s) for s in split.prefix],
+        "period": [stack(one(s)) for s in split.period],
+        "suffix": [one(s) for s in split.suffix],
+    }
     return {"layers": layers, "lengths": jax.ShapeDtypeStruct((batch,), jnp.int32)}
 
 

@@ -24,13 +24,32 @@ import jax.numpy as jnp
 # Parameter name -> contracted axes of the unstacked weight, counted from the end (stacked period
 # parameters have an extra leading axis, so negative axes work for both).
 CONTRACTED = {
-    "q_proj": (-3,), "k_proj": (-3,), "v_proj": (-3,), "o_proj": (-3, -2),
-    "z": (-3,), "x": (-3,), "B": (-3,), "C": (-3,), "dt": (-2,), "out_proj": (-3, -2),
-    "wi_gate": (-2,), "wi_up": (-2,), "wo": (-2,),
-    "shared_gate": (-2,), "shared_up": (-2,), "shared_down": (-2,), "kernel": (-2,),
+    "q_proj": (-3,),
+    "k_proj": (-3,),
+    "v_proj": (-3,),
+    "o_proj": (-3, -2),
+    "z": (-3,),
+    "x": (-3,),
+    "B": (-3,),
+    "C": (-3,),
+    "dt": (-2,),
+    "out_proj": (-3, -2),
+    "wi_gate": (-2,),
+    "wi_up": (-2,),
+    "wo": (-2,),
+    "shared_gate": (-2,),
+    "shared_up": (-2,),
+    "shared_down": (-2,),
+    "kernel": (-2,),
 }
-_PARENTS = {"z": "in_proj", "x": "in_proj", "B": "in_proj", "C": "in_proj", "dt": "in_proj",
-            "kernel": "lm_head"}
+_PARENTS = {
+    "z": "in_proj",
+    "x": "in_proj",
+    "B": "in_proj",
+    "C": "in_proj",
+    "dt": "in_proj",
+    "kernel": "lm_head",
+}
 
 
 @jax.tree_util.register_dataclass

@@ -39,8 +39,9 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return out.astype(x.dtype)
 
 
-def attention_mask(q_segments: jax.Array, q_positions: jax.Array, k_segments: jax.Array,
-                   k_positions: jax.Array) -> jax.Array:
+def attention_mask(
+    q_segments: jax.Array, q_positions: jax.Array, k_segments: jax.Array, k_positions: jax.Array
+) -> jax.Array:
     """(B, L, S) bool: key visible iff same segment and not after the query (by sequence index).
 
     Positions here are sequence indices (0..L-1), not the per-segment RoPE positions.

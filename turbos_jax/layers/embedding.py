@@ -16,8 +16,9 @@ class Embed(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.dtype = cfg.dtype
         init = nnx.initializers.truncated_normal(stddev=cfg.init_std)
-        self.embedding = sharding.param(init, rngs.params(), (cfg.vocab_size, cfg.d_model),
-                                        ("vocab", "embed"), cfg.param_dtype)
+        self.embedding = sharding.param(
+            init, rngs.params(), (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.param_dtype
+        )
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         x = jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
@@ -34,10 +35,15 @@ class LMHead(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.dtype = cfg.dtype
         init = nnx.initializers.truncated_normal(stddev=cfg.init_std)
-        self.kernel = sharding.param(init, rngs.params(), (cfg.d_model, cfg.vocab_size),
-                                     ("embed", "vocab"), cfg.param_dtype)
+        self.kernel = sharding.param(
+            init, rngs.params(), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.param_dtype
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        logits = jnp.einsum("bld,dv->blv", x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-                            preferred_element_type=jnp.float32)
+        logits = jnp.einsum(
+            "bld,dv->blv",
+            x.astype(self.dtype),
+            self.kernel[...].astype(self.dtype),
+            preferred_element_type=jnp.float32,
+        )
         return sharding.constrain(logits, ("batch", "seq", "vocab"))

@@ -37,8 +37,9 @@ def _exclusive_cumsum(x, axis=-1):
     return jnp.cumsum(x, axis=axis) - x
 
 
-def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
-                                recv_sizes, *, axis_name):
+def _emulated_ragged_all_to_all(
+    operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis_name
+):
     """`jax.lax.ragged_all_to_all` semantics from an all-gather: output rows
     [output_offsets_i[me], + send_sizes_i[me]) = operand_i rows [input_offsets_i[me], ...) for every
     sender i; other output rows keep `output`'s values. recv_sizes is implied (kept for the
@@ -55,17 +56,26 @@ def _emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outp
     return jnp.where(jnp.any(inside, axis=0)[:, None], everything[sender, row], output)
 
 
-def ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
-                      axis_name):
+def ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis_name):
     """`jax.lax.ragged_all_to_all` on TPU/GPU, its exact emulation elsewhere (XLA:CPU lacks it)."""
     real = functools.partial(jax.lax.ragged_all_to_all, axis_name=axis_name)
     emulated = functools.partial(_emulated_ragged_all_to_all, axis_name=axis_name)
-    return by_platform(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
-                       tpu=real, gpu=real, other=emulated)
+    return by_platform(
+        operand,
+        output,
+        input_offsets,
+        send_sizes,
+        output_offsets,
+        recv_sizes,
+        tpu=real,
+        gpu=real,
+        other=emulated,
+    )
 
 
-def dropless_experts(x, ids, gates, wg, wu, wo, *, num_experts: int, ep: int, impl: str,
-                     model_axis: str | None):
+def dropless_experts(
+    x, ids, gates, wg, wu, wo, *, num_experts: int, ep: int, impl: str, model_axis: str | None
+):
     """Steps 1-5 of the module docstring for one device.
 
     x (T, d) local tokens; ids, gates (T, k); wg, wu (El, d, Fm) and wo (El, Fm, d) this shard's
@@ -85,8 +95,9 @@ def dropless_experts(x, ids, gates, wg, wu, wo, *, num_experts: int, ep: int, im
     land_off = _exclusive_cumsum(per_pair, axis=0)[me]  # where my block lands in each receiver
 
     buf = ep * t * k
-    received = ragged_all_to_all(xs, jnp.zeros((buf, x.shape[1]), xs.dtype), send_off, send,
-                                 land_off, recv, axis_name="expert")  # [buf, d]  step 3
+    received = ragged_all_to_all(
+        xs, jnp.zeros((buf, x.shape[1]), xs.dtype), send_off, send, land_off, recv, axis_name="expert"
+    )  # [buf, d]  step 3
 
     # Step 4. Received rows come as (sender, local expert) segments in that order.
     seg_end = jnp.cumsum(counts[:, me, :].reshape(-1))  # [ep*El]
@@ -94,8 +105,9 @@ def dropless_experts(x, ids, gates, wg, wu, wo, *, num_experts: int, ep: int, im
     local = jnp.where(seg < ep * el, seg % el, el)[:, None]  # [buf, 1]; el = "no expert"
     order2, sizes2 = moe_ops.sort_by_expert(local, el)  # [buf], [El]
     xr = moe_ops.permute(received, order2, 1, impl=impl)  # [buf, d]
-    h = (jax.nn.silu(moe_ops.grouped_matmul(xr, wg, sizes2, impl=impl))
-         * moe_ops.grouped_matmul(xr, wu, sizes2, impl=impl))  # [buf, Fm]
+    h = jax.nn.silu(moe_ops.grouped_matmul(xr, wg, sizes2, impl=impl)) * moe_ops.grouped_matmul(
+        xr, wu, sizes2, impl=impl
+    )  # [buf, Fm]
     yr = moe_ops.grouped_matmul(h, wo, sizes2, impl=impl)  # [buf, d]
     if model_axis is not None:
         yr = jax.lax.psum(yr, model_axis)
@@ -104,6 +116,7 @@ def dropless_experts(x, ids, gates, wg, wu, wo, *, num_experts: int, ep: int, im
     # Step 5. Back to the senders: the mirror image of step 3.
     back_off = _exclusive_cumsum(recv)  # my received blocks, by sender
     home_off = _exclusive_cumsum(per_pair, axis=1)[:, me]  # where each sender had put my block
-    ys = ragged_all_to_all(y_recv, jnp.zeros_like(xs), back_off, recv, home_off, send,
-                           axis_name="expert")  # [T*K, d]
+    ys = ragged_all_to_all(
+        y_recv, jnp.zeros_like(xs), back_off, recv, home_off, send, axis_name="expert"
+    )  # [T*K, d]
     return moe_ops.unpermute(ys, order, gates, impl=impl)  # [T, d]

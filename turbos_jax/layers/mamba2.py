@@ -60,8 +60,9 @@ def _conv_init(width):
     return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
-def causal_depthwise_conv(u: jax.Array, kernel: jax.Array, bias: jax.Array,
-                          segment_ids: jax.Array) -> jax.Array:
+def causal_depthwise_conv(
+    u: jax.Array, kernel: jax.Array, bias: jax.Array, segment_ids: jax.Array
+) -> jax.Array:
     """Causal depthwise conv within segments: u (B, L, *C), kernel (K, *C), bias (*C).
 
     out[t] = bias + sum_k kernel[k] * u[t - (K - 1) + k], counting only taps in the same segment as t.
@@ -132,7 +133,8 @@ class Mamba2(nnx.Module):
         """Step 2: causal conv + SiLU of x, B, C within segments."""
         cv = self.conv1d
         act = lambda u, name: jax.nn.silu(
-            causal_depthwise_conv(u, cv[name][...], cv[name + "_bias"][...], segment_ids))
+            causal_depthwise_conv(u, cv[name][...], cv[name + "_bias"][...], segment_ids)
+        )
         return act(xs, "x"), act(b, "B"), act(c, "C")
 
     def ssm_params(self):
@@ -155,14 +157,27 @@ class Mamba2(nnx.Module):
 
         def scan(xs, dts, a, b, c, d_skip, dt_bias, segment_ids):
             return mamba2_ops.chunk_scan(
-                xs, dts, a, b, c, cfg.mamba_chunk, D=d_skip, dt_bias=dt_bias, seq_idx=segment_ids,
-                dt_softplus=True, dt_limit=cfg.mamba_dt_limit, impl=impl)
+                xs,
+                dts,
+                a,
+                b,
+                c,
+                cfg.mamba_chunk,
+                D=d_skip,
+                dt_bias=dt_bias,
+                seq_idx=segment_ids,
+                dt_softplus=True,
+                dt_limit=cfg.mamba_dt_limit,
+                impl=impl,
+            )
 
         if impl == "pallas":  # GSPMD cannot split a kernel: each device scans its rows and heads
             act, per_head = ("batch", "seq", "heads", None), ("heads",)
             scan = sharding.manual_over_mesh(
-                scan, (act, ("batch", "seq", "heads"), per_head, act, act, per_head, per_head,
-                       ("batch", "seq")), act)
+                scan,
+                (act, ("batch", "seq", "heads"), per_head, act, act, per_head, per_head, ("batch", "seq")),
+                act,
+            )
         y = scan(xs, dts, a, b, c, d_skip, dt_bias, segment_ids)
         return self.output(y, z)
 
@@ -184,8 +199,7 @@ class Mamba2(nnx.Module):
 
         def last_inputs(u):  # u_pad[n : n + K-1] = u[n-K+1 : n], zeros before position 0
             u_pad = jnp.pad(u, [(0, 0), (width - 1, 0)] + [(0, 0)] * (u.ndim - 2))
-            return jax.vmap(lambda r, n: jax.lax.dynamic_slice_in_dim(r, n, width - 1, 0))(
-                u_pad, lengths)
+            return jax.vmap(lambda r, n: jax.lax.dynamic_slice_in_dim(r, n, width - 1, 0))(u_pad, lengths)
 
         cache = {"conv_x": last_inputs(xs), "conv_B": last_inputs(bm), "conv_C": last_inputs(cm)}
         xs, bm, cm = self.convolve(xs, bm, cm, valid.astype(jnp.int32))
@@ -193,8 +207,16 @@ class Mamba2(nnx.Module):
         dtp = process_dt(dts, dt_bias, True, cfg.mamba_dt_limit)
         dtp = jnp.where(valid[..., None], dtp, 0.0)
         y, final = mamba2_ops.chunk_scan(
-            xs, dtp, a, bm, cm, cfg.mamba_chunk, D=d_skip, return_final_states=True,
-            impl=resolve_impl(cfg.kernel_impl))
+            xs,
+            dtp,
+            a,
+            bm,
+            cm,
+            cfg.mamba_chunk,
+            D=d_skip,
+            return_final_states=True,
+            impl=resolve_impl(cfg.kernel_impl),
+        )
         cache["ssm"] = final.astype(cfg.ssm_state_dtype)
         return self.output(y, z), cache
 
@@ -216,6 +238,16 @@ class Mamba2(nnx.Module):
         xs1, b1, c1 = conv_step(xs, "x"), conv_step(bm, "B"), conv_step(cm, "C")
         a, d_skip, dt_bias = self.ssm_params()
         y, new["ssm"] = mamba2_ops.state_update(
-            cache["ssm"], xs1, dts[:, 0], a, b1, c1, D=d_skip, dt_bias=dt_bias, dt_softplus=True,
-            dt_limit=cfg.mamba_dt_limit, impl=resolve_impl(cfg.kernel_impl))
+            cache["ssm"],
+            xs1,
+            dts[:, 0],
+            a,
+            b1,
+            c1,
+            D=d_skip,
+            dt_bias=dt_bias,
+            dt_softplus=True,
+            dt_limit=cfg.mamba_dt_limit,
+            impl=resolve_impl(cfg.kernel_impl),
+        )
         return self.output(y[:, None], z), new

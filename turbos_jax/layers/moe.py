@@ -137,7 +137,9 @@ class MoEFFN(nnx.Module):
         cfg = self.cfg
         e, k = cfg.num_experts, cfg.top_k
         logits = jnp.einsum(
-            "bld,de->ble", x.astype(jnp.float32), self.router[...].astype(jnp.float32),
+            "bld,de->ble",
+            x.astype(jnp.float32),
+            self.router[...].astype(jnp.float32),
             precision=jax.lax.Precision.HIGHEST,
         )  # [B, L, E]
         probs = jax.nn.softmax(logits, axis=-1)  # [B, L, E]
@@ -202,8 +204,7 @@ class MoEFFN(nnx.Module):
             return None
         shape = mesh.shape
         n_batch = math.prod(shape[a] for a in ("data", "expert") if a in shape)
-        if (cfg.num_experts % shape["expert"] or batch % n_batch
-                or cfg.expert_dim % shape.get("model", 1)):
+        if cfg.num_experts % shape["expert"] or batch % n_batch or cfg.expert_dim % shape.get("model", 1):
             return None
         return mesh
 
@@ -237,10 +238,16 @@ class MoEFFN(nnx.Module):
             return moe_ops.capacity_combine(ye, ids, pos, gates, c, impl=impl)  # [Gl, S, D]
 
         w_in, w_out = P("expert", None, model), P("expert", model, None)
-        fn = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, tok, w_in, w_in, w_out),
-                           out_specs=tok)
-        return fn(x, ids, pos, gates, self.wi_gate[...].astype(dt), self.wi_up[...].astype(dt),
-                  self.wo[...].astype(dt))
+        fn = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, tok, w_in, w_in, w_out), out_specs=tok)
+        return fn(
+            x,
+            ids,
+            pos,
+            gates,
+            self.wi_gate[...].astype(dt),
+            self.wi_up[...].astype(dt),
+            self.wo[...].astype(dt),
+        )
 
     def _dropless_expert_parallel(self, mesh, x, ids, gates, impl):
         """Dropless experts with the mesh axes manual: -> y (B, L, D).
@@ -257,8 +264,12 @@ class MoEFFN(nnx.Module):
         model = "model" if "model" in names else None
         tok = P(batch_axes, None, None)
         experts = functools.partial(
-            expert_parallel.dropless_experts, num_experts=cfg.num_experts,
-            ep=mesh.shape["expert"], impl=impl, model_axis=model)
+            expert_parallel.dropless_experts,
+            num_experts=cfg.num_experts,
+            ep=mesh.shape["expert"],
+            impl=impl,
+            model_axis=model,
+        )
 
         def body(x, ids, gates, wg, wu, wo):
             bl, l, d = x.shape
@@ -270,10 +281,12 @@ class MoEFFN(nnx.Module):
         # No varying-axes type checks: Pallas kernel outputs (megablox, the row kernels) and the
         # real ragged all-to-all carry none, while its CPU emulation (the other platform branch)
         # does, and platform branches must agree in type.
-        fn = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out),
-                           out_specs=tok, check_vma=False)
-        return fn(x, ids, gates, self.wi_gate[...].astype(dt), self.wi_up[...].astype(dt),
-                  self.wo[...].astype(dt))
+        fn = jax.shard_map(
+            body, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out), out_specs=tok, check_vma=False
+        )
+        return fn(
+            x, ids, gates, self.wi_gate[...].astype(dt), self.wi_up[...].astype(dt), self.wo[...].astype(dt)
+        )
 
     def _dropless(self, x, ids, gates, impl):
         cfg = self.cfg

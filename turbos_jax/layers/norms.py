@@ -44,12 +44,12 @@ class GatedGroupRMSNorm(nnx.Module):
     norm_before_gate=False. Grouping keeps the norm local to a tensor-parallel shard of heads.
     """
 
-    def __init__(self, heads: int, head_dim: int, groups: int, *, eps: float, param_dtype,
-                 rngs: nnx.Rngs):
+    def __init__(self, heads: int, head_dim: int, groups: int, *, eps: float, param_dtype, rngs: nnx.Rngs):
         self.eps = eps
         self.groups = groups
-        self.scale = sharding.param(nnx.initializers.ones, rngs.params(), (heads, head_dim),
-                                    ("heads", None), param_dtype)
+        self.scale = sharding.param(
+            nnx.initializers.ones, rngs.params(), (heads, head_dim), ("heads", None), param_dtype
+        )
 
     def __call__(self, y: jax.Array, z: jax.Array) -> jax.Array:
         *lead, h, p = y.shape
