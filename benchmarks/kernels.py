@@ -4,6 +4,7 @@
     python benchmarks/kernels.py --seq_lens=4096 --ops=chunk_scan_fwd,state_update
     python benchmarks/kernels.py --smoke              # tiny shapes, runs anywhere (CPU: seconds)
     python benchmarks/kernels.py --json               # one JSON object per row instead of a table
+    python benchmarks/kernels.py --out=rows.jsonl     # also append each row to a file as it finishes
 
 Ops and shapes (sizes from configs/turbos.py unless a flag overrides them):
   chunk_scan_fwd       `pallas_kernels.mamba2.chunk_scan` forward, x (b, L, h, p), B/C (b, L, g, n),
@@ -413,6 +414,13 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def _append(path: str | None, obj: dict):
+    """One JSON line appended to `path` (nothing when None), flushed at once."""
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(obj) + "\n")
+
+
 def parse_args(argv):
     from configs import turbos
 
@@ -446,6 +454,12 @@ def parse_args(argv):
     ap.add_argument("--steps", type=int, default=10, help="calls per timing window")
     ap.add_argument("--windows", type=int, default=5, help="timing windows; the median is reported")
     ap.add_argument("--json", action="store_true", help="one JSON object per row")
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="append to this file a JSON line describing the run, then one per row as it finishes "
+        "(rows done before a crash or a timeout are kept; benchmarks/gpu_check.sh reads it)",
+    )
     ap.add_argument("--verbose", action="store_true", help="print tracebacks of failing rows")
     a = ap.parse_args(argv)
     if a.smoke:  # smoke sizes replace the defaults, not flags given explicitly
@@ -477,14 +491,30 @@ def main(argv=None):
             "meaningless (only that it runs and matches xla is).",
             flush=True,
         )
+    _append(
+        a.out,
+        {
+            "run": {
+                "device": kind,
+                "platform": dev.platform,
+                "peak_flops": peak,
+                "hbm_bytes_per_s": hbm,
+                "jax": jax.__version__,
+                "dtype": a.dtype,
+                "argv": sys.argv[1:] if argv is None else list(argv),
+            }
+        },
+    )
     rows = []
     for case in mamba_cases(a) + moe_cases(a):
         print(f"running {case.op} [{case.shape}] ...", file=sys.stderr, flush=True)
         new = time_case(case, a.impls, a, peak, hbm)
         rows += new
-        if a.json:
-            for r in new:
-                print(json.dumps(dataclasses.asdict(r) | {"device": kind}), flush=True)
+        for r in new:
+            line = dataclasses.asdict(r) | {"device": kind}
+            _append(a.out, line)
+            if a.json:
+                print(json.dumps(line), flush=True)
     if not a.json:
         print(format_table(rows))
     return rows
