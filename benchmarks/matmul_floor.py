@@ -247,14 +247,10 @@ def time_dot(dot: Dot, iters: int, windows: int) -> float:
 def compile_train_step(config):
     """The trainer's step for `config` on the local devices -> (compiled, run-one-step callable)."""
     import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
 
     from turbos_jax import sharding
     from turbos_jax.config import ModelConfig, check_train_config
-    from turbos_jax.step import make_train_step, train_setup
+    from turbos_jax.step import build_train_program, synthetic_batch
 
     model_cfg = ModelConfig.from_config(config.model)
     check_train_config(config)
@@ -264,32 +260,11 @@ def compile_train_step(config):
         batch_size=config.batch_size,
         grad_accum_steps=config.grad_accum_steps,
     )
-    batch_sharding = NamedSharding(mesh, P(("data", "expert")))
-    graphdef, tx, schedule, init_state, abstract_state = train_setup(config, model_cfg)
-    shardings = sharding.named_shardings(abstract_state, mesh)
-    b, s = config.batch_size, config.seq_len
-    rng = np.random.default_rng(0)
-    batch = {
-        "inputs": rng.integers(0, model_cfg.vocab_size, (b, s)),
-        "targets": rng.integers(0, model_cfg.vocab_size, (b, s)),
-        "segment_ids": np.ones((b, s)),
-        "positions": np.broadcast_to(np.arange(s), (b, s)),
-        "loss_mask": np.ones((b, s)),
-    }
-    batch = {
-        k: jax.device_put(jnp.asarray(v, jnp.float32 if k == "loss_mask" else jnp.int32), batch_sharding)
-        for k, v in batch.items()
-    }
-    step = make_train_step(graphdef, tx, schedule, batch_sharding, config.grad_accum_steps)
+    program = build_train_program(config, model_cfg, mesh)
+    batch = synthetic_batch(config, model_cfg.vocab_size, program.batch_sharding)
     with jax.set_mesh(mesh):
-        state = {"s": jax.jit(init_state, out_shardings=shardings)()}
-        compiled = (
-            jax.jit(
-                step, in_shardings=(shardings, None), out_shardings=(shardings, None), donate_argnums=(0,)
-            )
-            .lower(state["s"], batch)
-            .compile()
-        )
+        state = {"s": jax.jit(program.setup.init_state, out_shardings=program.state_shardings)()}
+        compiled = program.train_step.lower(state["s"], batch).compile()
 
     def run():
         state["s"], metrics = compiled(state["s"], batch)

@@ -9,9 +9,11 @@
 What is timed, per implementation (same random-token batch every step, one document per row, no
 packing; turbos-jax computes in config.model.dtype -- fp32 for tiny -- and PyTorch in fp32):
 
-  turbos-jax  one `jax.jit` step: value_and_grad of next-token cross-entropy + the model's MoE aux
-              loss, global-norm clipping (1.0), optax AdamW (b1 0.9, b2 0.95, wd 0.1); parameters
-              and optimizer state donated. Compile time is the `lower().compile()` time.
+  turbos-jax  the trainer's own step (`turbos_jax.step.build_train_program`, as `python -m
+              turbos_jax.train` runs it: its loss with the MoE aux losses, global-norm clipping
+              (1.0), AdamW (b1 0.9, b2 0.95, wd 0.1, decay mask), the non-finite guard, the state's
+              shardings, state donated), with `config.optim` set to those values and a constant LR
+              (`bench_config`). Compile time is the `lower().compile()` time.
   pytorch     HF transformers' NemotronHForCausalLM (Mamba2 + attention + MoE, selected per layer),
               built with the shapes of `config.model` (see `nemotron_h_config`), random init,
               `torch.set_num_threads(--torch_threads)`: forward, cross-entropy, backward,
@@ -187,37 +189,33 @@ def summarize_times(per_step, others, tokens: int) -> dict:
 
 
 # ================================================================================== turbos-jax
+def bench_config(config, batch: int, seq: int):
+    """`config` with the benchmark's batch shape, seed and the optimizer both sides run: constant
+    LR, AdamW (B1, B2, EPS, WEIGHT_DECAY) after global-norm clipping (CLIP)."""
+    config = config.copy_and_resolve_references()
+    config.batch_size, config.seq_len, config.seed = batch, seq, _SEED.value
+    config.optim.schedule = (("constant", 1, _LR.value),)
+    config.optim.b1, config.optim.b2, config.optim.eps = B1, B2, EPS
+    config.optim.weight_decay, config.optim.grad_clip = WEIGHT_DECAY, CLIP
+    return config
+
+
 def run_jax(config, batch: int, seq: int, variant: str) -> dict:
     import jax
-    import jax.numpy as jnp
-    import numpy as np
-    import optax
-    from flax import nnx
 
-    from turbos_jax import accounting
+    from turbos_jax import accounting, sharding
     from turbos_jax.config import ModelConfig
-    from turbos_jax.model import init_model
+    from turbos_jax.step import build_train_program, synthetic_batch
 
+    config = bench_config(config, batch, seq)
     cfg = ModelConfig.from_config(config.model)
-    graphdef, params = init_model(cfg, _SEED.value)
-    tx = optax.chain(
-        optax.clip_by_global_norm(CLIP),
-        optax.adamw(_LR.value, b1=B1, b2=B2, eps=EPS, weight_decay=WEIGHT_DECAY),
+    mesh = sharding.make_mesh(
+        config.mesh, model_cfg=cfg, batch_size=config.batch_size, grad_accum_steps=config.grad_accum_steps
     )
-    opt_state = jax.jit(tx.init)(params)
-    rng = np.random.default_rng(_SEED.value)
-    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, seq + 1)), jnp.int32)
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
-
-    def loss_fn(p, inputs, targets):
-        logits, aux = nnx.merge(graphdef, p)(inputs)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
-        return ce + aux["aux_loss"], ce
-
-    def train_step(p, o, inputs, targets):
-        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, inputs, targets)
-        updates, o = tx.update(grads, o, p)
-        return optax.apply_updates(p, updates), o, loss
+    program = build_train_program(config, cfg, mesh)  # the trainer's step, shardings and donation
+    data = synthetic_batch(config, cfg.vocab_size, program.batch_sharding, seed=_SEED.value)
+    with jax.set_mesh(mesh):
+        train_state = jax.jit(program.setup.init_state, out_shardings=program.state_shardings)()
 
     cache_events = {"hits": 0, "misses": 0}
 
@@ -228,16 +226,17 @@ def run_jax(config, batch: int, seq: int, variant: str) -> dict:
 
     jax.monitoring.register_event_listener(count_cache_event)
     t0 = time.perf_counter()
-    compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(params, opt_state, inputs, targets).compile()
+    with jax.set_mesh(mesh):
+        compiled = program.train_step.lower(train_state, data).compile()
     compile_s = time.perf_counter() - t0
     jax.monitoring.unregister_event_listener(count_cache_event)
 
-    state = {"p": params, "o": opt_state}
+    state = {"s": train_state}
 
     def step():
-        state["p"], state["o"], loss = compiled(state["p"], state["o"], inputs, targets)
-        jax.block_until_ready((state["p"], state["o"], loss))
-        state["loss"] = loss
+        state["s"], metrics = compiled(state["s"], data)
+        jax.block_until_ready((state["s"], metrics))
+        state["loss"] = metrics["loss"]
 
     warm, per_step, others = time_windows(step, _WARMUP.value, _STEPS.value, _WINDOWS.value)
     counts = accounting.count_params(cfg)
@@ -263,20 +262,22 @@ def run_jax(config, batch: int, seq: int, variant: str) -> dict:
     }
     out["model_gflops_per_s"] = flops * out["tokens_per_s"] / 1e9
     if _BREAKDOWN.value and variant == "compiled":
-        out["breakdown"] = jax_breakdown(cfg, graphdef, state["p"], inputs, targets, compiled)
+        out["breakdown"] = jax_breakdown(cfg, program.setup.graphdef, state["s"]["params"], data, compiled)
     return out
 
 
-def jax_breakdown(cfg, graphdef, params, inputs, targets, compiled_step) -> dict:
+def jax_breakdown(cfg, graphdef, params, data, compiled_step) -> dict:
     """Where a turbos-jax step goes: forward / backward / optimizer, then per layer kind."""
     import jax
     import jax.numpy as jnp
     import optax
     from flax import nnx
 
+    from turbos_jax import step
     from turbos_jax.model import Block
 
-    b, l = inputs.shape
+    b, l = data["inputs"].shape
+    targets = data["targets"]
     reps, nsteps = 3, _STEPS.value
 
     def bench(fn, *args):
@@ -289,13 +290,12 @@ def jax_breakdown(cfg, graphdef, params, inputs, targets, compiled_step) -> dict
             times.append((time.perf_counter() - t0) / nsteps)
         return 1e3 * statistics.median(times)
 
-    def loss_fn(p, inputs, targets):
-        logits, aux = nnx.merge(graphdef, p)(inputs)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean() + aux["aux_loss"]
+    def loss_fn(p, batch):  # the trainer's loss
+        return step.loss_fn(p, graphdef, batch)[0]
 
     res = {
-        "forward_ms": bench(jax.jit(loss_fn), params, inputs, targets),
-        "forward_backward_ms": bench(jax.jit(jax.grad(loss_fn)), params, inputs, targets),
+        "forward_ms": bench(jax.jit(loss_fn), params, data),
+        "forward_backward_ms": bench(jax.jit(jax.grad(loss_fn)), params, data),
     }
 
     # One layer of each kind, forward + backward w.r.t. its parameters and input.

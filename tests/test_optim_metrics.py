@@ -322,7 +322,7 @@ class _Tty(io.StringIO):
 def test_progress_plain_and_tty():
     out = io.StringIO()
     with metrics.Progress(100, initial_step=10, file=out) as p:
-        p.update(20, {"loss": 2.5, "tokens_per_sec": 12345.6, "lr": 3e-4, "other": 1})
+        p.update(20, {"loss": 2.5, "tokens_per_sec": 12345.6, "learning_rate": 3e-4, "other": 1})
         p.update(30, {"loss": jnp.float32(2.25)})
     lines = out.getvalue().splitlines()
     assert lines == ["step 20/100 | loss 2.5000 | lr 0.0003 | tok/s 12,346", "step 30/100 | loss 2.2500"]

@@ -32,10 +32,7 @@ import dataclasses  # noqa: E402
 import json  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from turbos_jax import cli, sharding  # noqa: E402
@@ -70,7 +67,7 @@ def topology_devices(topology: str):
 
 def analyse(config, topology: str) -> dict:
     """Compiles one train step of `config` for `topology` -> the report dict (see module doc)."""
-    from turbos_jax.step import make_train_step, train_setup
+    from turbos_jax.step import abstract_batch, build_train_program
 
     model_cfg = ModelConfig.from_config(config.model)
     if model_cfg.kernel_impl == "auto":  # "auto" means the kernels of the platform compiled for
@@ -84,25 +81,11 @@ def analyse(config, topology: str) -> dict:
         batch_size=config.batch_size,
         grad_accum_steps=config.grad_accum_steps,
     )
-    graphdef, tx, schedule, init_state, abstract_state = train_setup(config, model_cfg)
-    state_shardings = sharding.named_shardings(abstract_state, mesh)
-    batch_sharding = NamedSharding(mesh, P(("data", "expert")))
-    shape = (config.batch_size, config.seq_len)
-    batch = {
-        k: jax.ShapeDtypeStruct(
-            shape, jnp.float32 if k == "loss_mask" else jnp.int32, sharding=batch_sharding
-        )
-        for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask")
-    }
-    train_step = make_train_step(graphdef, tx, schedule, batch_sharding, config.grad_accum_steps)
+    program = build_train_program(config, model_cfg, mesh)  # the trainer's own step
+    batch = abstract_batch(config, program.batch_sharding)
     with jax.set_mesh(mesh):
-        state = sharding.sharded_abstract(abstract_state, mesh)
-        step = jax.jit(
-            train_step,
-            in_shardings=(state_shardings, None),
-            out_shardings=(state_shardings, None),
-            donate_argnums=(0,),
-        )
+        state = sharding.sharded_abstract(program.setup.abstract_state, mesh)
+        step = program.train_step
         try:
             compiled = step.lower(state, batch).compile()
         except Exception as e:  # noqa: BLE001 - Mosaic/XLA raise several exception types

@@ -4,9 +4,21 @@ Layout: WORKDIR/checkpoints/<step>/{state, data}. Orbax writes each step into a 
 and renames it only once complete, so an interrupted save never looks like a checkpoint; old steps
 are removed (keeping `keep_checkpoints`) only after a newer one has been finalised.
 
-Restoring walks the steps newest first. A step that fails to restore (truncated or corrupted files,
-missing items) is reported in one line and moved aside to WORKDIR/checkpoints/corrupt-<step>-<time>
-(kept for inspection, never deleted), and the previous step is tried.
+Restoring walks the steps newest first and tells an incompatible step from a damaged one:
+
+  1. Compare: the step's array metadata (tree paths, shapes, dtypes; no array data is read) against
+     the abstract target. A difference means the run's config changed, not that the files are bad:
+     `IncompatibleCheckpointError`, one line naming the first differing path, both shapes/dtypes and
+     the likely config key (`explain`), and nothing on disk is touched.
+  2. Restore: the state and the data iterator of a compatible step. A failure here (truncated or
+     corrupted files, missing items), or unreadable metadata in 1, is damage: reported in one line,
+     the step is moved aside to WORKDIR/checkpoints/corrupt-<step>-<time> (kept for inspection,
+     never deleted), and the previous step is tried.
+  With several processes, each verdict (ok / incompatible / damaged) is all-gathered after 1 and
+  after 2, and every process acts on the same, most cautious one (incompatible > damaged > ok), so a
+  step is never moved aside while some process restored it or found it incompatible. Step 2 calls
+  the item handlers directly: they hold no cross-process barrier, so a process whose read fails
+  cannot leave the others waiting inside Orbax.
 
 Multi-process (docs/sharding.md): every process calls save and restore; the directory must be one
 shared filesystem path. Orbax writes each array shard once and restores onto whatever mesh the
@@ -25,14 +37,21 @@ from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
 
 from turbos_jax import cli
 
 
 class CheckpointError(RuntimeError):
     """No checkpoint in the directory could be restored."""
+
+
+class IncompatibleCheckpointError(CheckpointError, cli.UserError):
+    """The newest checkpoint's tree, shapes or dtypes differ from the state this config builds."""
 
 
 class ProcessCountMismatchError(CheckpointError, cli.UserError):
@@ -67,37 +86,58 @@ class Checkpointer:
     def wait(self) -> None:
         self._manager.wait_until_finished()
 
-    def restore_latest(self, abstract_state: Any, data_iterator):
+    def restore_latest(self, abstract_state: Any, data_iterator, *, explain=None):
         """Restores the newest readable step into `abstract_state` (ShapeDtypeStructs with
-        shardings) and `data_iterator` (in place). Returns (step, state) or (None, None)."""
+        shardings) and `data_iterator` (in place). Returns (step, state) or (None, None).
+
+        Raises IncompatibleCheckpointError when the newest step does not fit `abstract_state`;
+        `explain(path, saved, wanted)` (each "shape dtype") may return a hint naming the config key
+        that likely changed. Damaged steps are moved aside (module docstring)."""
         for step in reversed(self.steps()):
             self._check_process_count(step)
-            try:
-                restored = self._manager.restore(
-                    step,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract_state),
-                        data=grain.checkpoint.CheckpointRestore(data_iterator),
-                    ),
+            verdict, detail = _agreed(*_compare(self._step_dir(step) / "state", abstract_state, explain))
+            if verdict == _INCOMPATIBLE:
+                raise IncompatibleCheckpointError(
+                    f"checkpoint step {step} in {self.directory} does not match this config: {detail}; "
+                    "nothing was moved: resume with the config it was saved with, or use a new --workdir"
                 )
-            except Exception as e:  # noqa: BLE001 - any failure means this step is unusable
-                reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-                moved = self._move_aside(step)
-                logging.warning(
-                    "checkpoint step %d in %s is unreadable (%s); moved to %s, trying the previous one",
-                    step,
-                    self.directory,
-                    reason,
-                    moved,
-                )
-                print(
-                    f"warning: checkpoint step {step} is unreadable ({type(e).__name__}); "
-                    f"moved aside to {moved}, falling back to the previous checkpoint",
-                    flush=True,
-                )
-                continue
-            return step, restored["state"]
+            if verdict == _OK:
+                verdict, detail, state = self._read(step, abstract_state, data_iterator)
+                if verdict == _OK:
+                    return step, state
+            moved = self._move_aside(step)
+            logging.warning(
+                "checkpoint step %d in %s is unreadable (%s); moved to %s, trying the previous one",
+                step,
+                self.directory,
+                detail,
+                moved,
+            )
+            print(
+                f"warning: checkpoint step {step} is unreadable ({detail}); "
+                f"moved aside to {moved}, falling back to the previous checkpoint",
+                flush=True,
+            )
         return None, None
+
+    def _step_dir(self, step: int) -> epath.Path:
+        return epath.Path(self.directory) / str(step)
+
+    def _read(self, step: int, abstract_state, data_iterator):
+        """Step 2 of the module docstring -> (agreed verdict, detail, state or None)."""
+        state = None
+        try:
+            state = ocp.StandardCheckpointHandler().restore(
+                self._step_dir(step) / "state", args=ocp.args.StandardRestore(abstract_state)
+            )
+            grain.checkpoint.CheckpointHandler().restore(
+                self._step_dir(step) / "data", args=grain.checkpoint.CheckpointRestore(data_iterator)
+            )
+            verdict, detail = _OK, ""
+        except Exception as e:  # noqa: BLE001 - any read failure of a compatible step is damage
+            verdict, detail = _DAMAGED, _first_line(e)
+        verdict, detail = _agreed(verdict, detail)
+        return verdict, detail, state if verdict == _OK else None
 
     def _check_process_count(self, step: int) -> None:
         """Raises ProcessCountMismatchError if `step` holds data-iterator state only for another
@@ -129,3 +169,72 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+# ------------------------------------------------------------------------------ verdicts
+_OK, _DAMAGED, _INCOMPATIBLE = 0, 1, 2  # ordered by caution: the largest verdict of any process wins
+_NAMES = {_OK: "ok", _DAMAGED: "unreadable", _INCOMPATIBLE: "incompatible"}
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
+
+
+def _agreed(verdict: int, detail: str) -> tuple[int, str]:
+    """The most cautious verdict over all processes; the detail is this process's own, or says
+    which processes reached the verdict when this one did not."""
+    if jax.process_count() == 1:
+        return verdict, detail
+    verdicts = np.asarray(multihost_utils.process_allgather(np.asarray(verdict, np.int32))).reshape(-1)
+    worst = int(verdicts.max())
+    if worst != verdict:
+        who = [int(i) for i in np.flatnonzero(verdicts == worst)]
+        detail = f"found {_NAMES[worst]} by process(es) {who}"
+    return worst, detail
+
+
+def leaf_path(path) -> str:
+    """ "params/embed/embedding" from a pytree key path (nnx.State, optax namedtuples, Orbax's
+    metadata dicts/lists all give the same string); a trailing `value` (nnx.Param) is dropped."""
+    names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+    while names and names[-1] == "value":
+        names.pop()
+    return "/".join(names)
+
+
+def _describe(leaf) -> str:
+    return f"{tuple(leaf.shape)} {np.dtype(leaf.dtype).name}"
+
+
+def _compare(state_dir: epath.Path, abstract_state, explain) -> tuple[int, str]:
+    """Step 1 of the module docstring -> (verdict, detail) for this process."""
+    try:
+        metadata = ocp.StandardCheckpointHandler().metadata(state_dir)
+        saved = {leaf_path(p): _describe(v) for p, v in jax.tree_util.tree_leaves_with_path(metadata)}
+    except Exception as e:  # noqa: BLE001 - unreadable metadata is damage, not a mismatch
+        return _DAMAGED, _first_line(e)
+    wanted = {leaf_path(p): _describe(v) for p, v in jax.tree_util.tree_leaves_with_path(abstract_state)}
+    for path, want in wanted.items():
+        have = saved.get(path)
+        if have == want:
+            continue
+        if have is None:
+            return _INCOMPATIBLE, f"{path} ({want} here) is not in the checkpoint" + _hint(
+                explain, path, None, want
+            )
+        return _INCOMPATIBLE, f"{path} is {have} in the checkpoint, {want} here" + _hint(
+            explain, path, have, want
+        )
+    extra = [p for p in saved if p not in wanted]
+    if extra:
+        return (
+            _INCOMPATIBLE,
+            f"the checkpoint has {extra[0]} ({saved[extra[0]]}), which this config does not build",
+        )
+    return _OK, ""
+
+
+def _hint(explain, path, have, want) -> str:
+    hint = explain(path, have, want) if explain else None
+    return f" ({hint})" if hint else ""

@@ -241,7 +241,13 @@ def read_tensorboard_scalars(workdir: str) -> dict[str, list[tuple[int, float]]]
 
 
 # ---------------------------------------------------------------------- console
-_FORMATS = {"loss": "loss {:.4f}", "lr": "lr {:.3g}", "tokens_per_sec": "tok/s {:,.0f}", "mfu": "mfu {:.1%}"}
+# Keys of the trainer's metrics (metrics.jsonl names) shown on the progress line, in order.
+_FORMATS = {
+    "loss": "loss {:.4f}",
+    "learning_rate": "lr {:.3g}",
+    "tokens_per_sec": "tok/s {:,.0f}",
+    "mfu": "mfu {:.1%}",
+}
 
 
 class Progress(_Closing):

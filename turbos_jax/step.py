@@ -1,4 +1,10 @@
-"""The loss and the optimizer step, shared by the trainer (`train.py`) and AOT compilation (`aot.py`)."""
+"""The loss and the optimizer step, and the one place they are compiled.
+
+`build_train_program(config, model_cfg, mesh)` is what the trainer (`train.py`), AOT compilation
+(`aot.py`) and the benchmarks (`benchmarks/train_step_throughput.py`, `benchmarks/matmul_floor.py`)
+all run: the same loss, optimizer, shardings, donation and non-finite guard, so a benchmark or a
+memory report measures the program users train with.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,11 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from turbos_jax import sharding
+
+# The arrays of one training batch, each [batch, seq_len]; `loss_mask` is float32, the rest int32.
+BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
 
 class TrainSetup(NamedTuple):
@@ -119,19 +130,88 @@ def make_train_step(graphdef, tx, schedule, batch_sharding, grad_accum_steps: in
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        # A non-finite step never reaches the parameters: skipped, or stopped by the host.
-        params, opt_state = jax.tree.map(
-            lambda n, o: jnp.where(finite, n, o), (params, opt_state), (state["params"], state["opt_state"])
+        # A non-finite step never reaches the parameters or Adam's moments: skipped, or stopped by
+        # the host. Its step is still counted everywhere (`step`, and optax's `count`s that drive
+        # the LR schedule and the bias correction), so step, optimizer count, LR and checkpoint
+        # step always agree; a skipped step consumes its batch and its LR like any other.
+        kept_params, kept_opt_state = jax.tree.map(
+            lambda n, o: jnp.where(finite, n, o),
+            (params, opt_state),
+            (state["params"], state["opt_state"]),
         )
-        new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
+        new_step = state["step"] + 1
+        kept_opt_state = optax.tree_utils.tree_set(kept_opt_state, count=new_step)
+        new_state = {"params": kept_params, "opt_state": kept_opt_state, "step": new_step}
         out = {
             "loss": loss,
             "ce_loss": ce,
             "grad_norm": grad_norm,
             "finite": finite,
-            "learning_rate": schedule(state["step"]),
+            "learning_rate": schedule(state["step"]),  # the LR this update used (optax count before it)
             **aux,
         }
         return new_state, out
 
     return train_step
+
+
+class TrainProgram(NamedTuple):
+    """The compiled-on-first-call training program for one config on one mesh.
+
+    `train_step(state, batch) -> (state, metrics)` is jitted with the state's shardings in and out
+    and the state donated; `eval_step(params, batch) -> mean CE` is jitted; `batch_sharding` is the
+    batch rows over (data, expert)."""
+
+    setup: TrainSetup
+    state_shardings: Any
+    batch_sharding: NamedSharding
+    train_step: Callable
+    eval_step: Callable
+
+
+def build_train_program(config, model_cfg, mesh) -> TrainProgram:
+    """The one train/eval step builder (see the module docstring); nothing is compiled yet."""
+    setup = train_setup(config, model_cfg)
+    state_shardings = sharding.named_shardings(setup.abstract_state, mesh)
+    batch_sharding = NamedSharding(mesh, P(("data", "expert")))
+    step = make_train_step(setup.graphdef, setup.tx, setup.schedule, batch_sharding, config.grad_accum_steps)
+
+    def eval_step(params, batch):
+        _, (ce, _) = loss_fn(params, setup.graphdef, batch)
+        return ce
+
+    train_step = jax.jit(
+        step, in_shardings=(state_shardings, None), out_shardings=(state_shardings, None), donate_argnums=(0,)
+    )
+    return TrainProgram(setup, state_shardings, batch_sharding, train_step, jax.jit(eval_step))
+
+
+def abstract_batch(config, batch_sharding) -> dict:
+    """ShapeDtypeStructs of one global batch (for `.lower`), placed with `batch_sharding`."""
+    shape = (config.batch_size, config.seq_len)
+    return {
+        k: jax.ShapeDtypeStruct(
+            shape, jnp.float32 if k == "loss_mask" else jnp.int32, sharding=batch_sharding
+        )
+        for k in BATCH_KEYS
+    }
+
+
+def synthetic_batch(config, vocab_size: int, batch_sharding, seed: int = 0) -> dict:
+    """A random-token global batch, one document per row, every target counted (benchmarks)."""
+    import numpy as np
+
+    b, s = config.batch_size, config.seq_len
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab_size, (b, s + 1))
+    host = {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "segment_ids": np.ones((b, s)),
+        "positions": np.broadcast_to(np.arange(s), (b, s)),
+        "loss_mask": np.ones((b, s)),
+    }
+    return {
+        k: jax.device_put(np.asarray(v, np.float32 if k == "loss_mask" else np.int32), batch_sharding)
+        for k, v in host.items()
+    }

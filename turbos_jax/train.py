@@ -18,20 +18,17 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
 from turbos_jax import accounting, cli, compile_cache, distributed, metrics, sharding
+from turbos_jax import workdir as run_dir
 from turbos_jax.checkpointing import Checkpointer
 from turbos_jax.config import ConfigError, ModelConfig, check_train_config
 from turbos_jax.data import DataError, make_eval_iterator, make_train_iterator
-from turbos_jax.step import loss_fn, make_train_step, train_setup  # noqa: F401 (loss_fn re-exported)
+from turbos_jax.step import BATCH_KEYS, build_train_program, loss_fn  # noqa: F401 (loss_fn re-exported)
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
-
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -40,15 +37,12 @@ class NonFiniteLossError(RuntimeError):
 
 def train_and_evaluate(config, workdir: str) -> dict:
     """Runs (or resumes) training; returns the last logged metrics."""
-    # ============================================================================ config
+    # ============================================================================ config, workdir
     model_cfg = ModelConfig.from_config(config.model)
     check_train_config(config)
+    workdir = run_dir.prepare(workdir)  # a bad --workdir stops here, before anything is written
     cache_dir = compile_cache.enable(config.compilation_cache_dir)  # before the first compile
     logging.info("compilation cache: %s", cache_dir or "off")
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
 
     # ============================================================================ mesh
     if "mesh" not in config:
@@ -59,7 +53,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
         batch_size=config.batch_size,
         grad_accum_steps=config.grad_accum_steps,
     )
-    batch_sharding = NamedSharding(mesh, P(("data", "expert")))
+
+    # ==================================================================== model, optimizer, steps
+    program = build_train_program(config, model_cfg, mesh)
+    batch_sharding = program.batch_sharding
 
     # ============================================================================ data
     # Each process loads the rows its devices hold; processes that are replicas along `model`
@@ -75,40 +72,28 @@ def train_and_evaluate(config, workdir: str) -> dict:
             for k in BATCH_KEYS
         }
 
-    # ============================================================================ abstract model, optimizer
-    graphdef, tx, schedule, init_state, abstract_state = train_setup(config, model_cfg)
-    state_shardings = sharding.named_shardings(abstract_state, mesh)
-
     # ============================================================================ sharded init / restore
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
-    with jax.set_mesh(mesh):
-        abstract_target = sharding.sharded_abstract(abstract_state, mesh)
-        start_step, state = ckpt.restore_latest(abstract_target, train_iter)
-        if state is None:
-            start_step = 0
-            state = jax.jit(init_state, out_shardings=state_shardings)()
-        else:
-            logging.info("resumed from step %d", start_step)
-            print(f"resuming from checkpoint step {start_step}", flush=True)
+    try:
+        with jax.set_mesh(mesh):
+            abstract_target = sharding.sharded_abstract(program.setup.abstract_state, mesh)
+            hint = run_dir.config_hint(run_dir.saved_config(workdir), config)
+            start_step, state = ckpt.restore_latest(abstract_target, train_iter, explain=hint)
+            if state is None:
+                start_step = 0
+                state = jax.jit(program.setup.init_state, out_shardings=program.state_shardings)()
+            else:
+                logging.info("resumed from step %d", start_step)
+                print(f"resuming from checkpoint step {start_step}", flush=True)
+    except BaseException:
+        ckpt.close()
+        raise
+    run_dir.write_config(workdir, config)  # after the restore: until then it describes the checkpoints
 
     # ============================================================================ step functions
     flops_per_token = accounting.training_flops_per_token(model_cfg, config.seq_len)["total"]
     skip_nonfinite = config.on_nonfinite == "skip"
-
-    train_step = make_train_step(graphdef, tx, schedule, batch_sharding, config.grad_accum_steps)
-
-    def eval_step(params, batch):
-        _, (ce, _) = loss_fn(params, graphdef, batch)
-        return ce
-
-    with jax.set_mesh(mesh):
-        train_step = jax.jit(
-            train_step,
-            in_shardings=(state_shardings, None),
-            out_shardings=(state_shardings, None),
-            donate_argnums=(0,),
-        )
-        eval_step = jax.jit(eval_step)
+    train_step, eval_step = program.train_step, program.eval_step
 
     def evaluate(params):
         it, losses = make_eval_iterator(config, process_index=shard, process_count=num_shards), []
