@@ -69,8 +69,8 @@ run_step() {
   left=$((DEADLINE - RESERVE - $(date +%s)))
   ((limit > left)) && limit=$left
   if ((limit < 5)); then
-    record "$name" skipped "" 0 0 "no time left before the deadline"
-    say "$name: skipped, no time left"
+    record "$name" not_run "" 0 0 "no time left before the deadline"
+    say "$name: not run, no time left"
     return 1
   fi
   log=$WORK/${name//:/-}.log
