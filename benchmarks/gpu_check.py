@@ -207,6 +207,7 @@ def plan_install(wheels: dict, installed: dict, roots: list[tuple[str, bool]]):
     notes, problems = [], []
     extras_done: dict[str, set[str]] = {}
     queue = [(Requirement(r), required, "pyproject.toml") for r, required in roots]
+    queue = [q for q in queue if _wanted(q[0], set())]
     while queue:
         req, required, parent = queue.pop(0)
         name = canon(req.name)
@@ -237,7 +238,20 @@ def plan_install(wheels: dict, installed: dict, roots: list[tuple[str, bool]]):
                 )
                 continue
         elif not req.specifier.contains(Version(chosen[name][1]), prereleases=True):
-            problems.append(f"{name} {chosen[name][1]} does not satisfy {req} (from {parent})")
+            wheel = wheels.get(name)
+            if (
+                chosen[name][0] == "installed"
+                and wheel
+                and req.specifier.contains(Version(wheel["version"]), True)
+            ):
+                chosen[name] = ("wheel", wheel["version"])
+                notes.append(
+                    f"{name} {wheel['version']} from the wheelhouse: installed {have.version} "
+                    f"does not satisfy {req} (from {parent})"
+                )
+                extras_done.pop(name, None)  # walk the wheel's own requirements
+            else:
+                problems.append(f"{name} {chosen[name][1]} does not satisfy {req} (from {parent})")
         extras = set(req.extras)
         if name in extras_done and extras <= extras_done[name]:
             continue
@@ -299,7 +313,14 @@ def cmd_install(a) -> int:
         chosen = {n: ("wheel", w["version"]) for n, w in wheels.items() if n not in installed}
         notes, problems = ["no 'packaging' module: versions not checked, missing packages installed"], []
     else:
-        chosen, notes, problems = plan_install(wheels, installed, roots)
+        try:
+            chosen, notes, problems = plan_install(wheels, installed, roots)
+        except Exception as e:  # noqa: BLE001 - a bad version string must not stop the check
+            chosen = {n: ("wheel", w["version"]) for n, w in wheels.items() if n not in installed}
+            notes = [
+                f"install plan failed ({type(e).__name__}: {first_line(str(e))}): missing packages installed"
+            ]
+            problems = []
     rec["notes"] = rec.get("notes", []) + notes
     rec["problems"] = problems
     rec["kept"] = sorted(f"{n} {v}" for n, (s, v) in chosen.items() if s == "installed")

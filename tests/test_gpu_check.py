@@ -118,13 +118,23 @@ def test_install_plan(tmp_path):
     _wheel(tmp_path, "fsspec", "2026.9.0")
     _wheel(tmp_path, "zipp", "4.1.2")
     _wheel(tmp_path, "rich", "15.0.0")
+    _wheel(tmp_path, "optax", "0.2.8", ["rich>=15", "pyyaml; python_version < '3'"])
+    _wheel(tmp_path, "pyyaml", "6.0.4")
     wheels = gpu_check.scan_wheelhouse(str(tmp_path))
-    installed = {"jax": _Dist("0.11.2"), "flax": _Dist("0.13.0"), "rich": _Dist("14.0")}
-    roots = [("flax>=0.12.8,<0.13", True), ("rich>=13", True), ("jax>=0.12", True), ("ruff", False)]
+    installed = {
+        "jax": _Dist("0.11.2"),
+        "flax": _Dist("0.13.0"),
+        "rich": _Dist("14.0"),
+        "pyyaml": _Dist("6.0"),
+    }
+    roots = [("flax>=0.12.8,<0.13", True), ("rich>=13", True), ("pyyaml>=5", True), ("jax>=0.12", True)]
+    roots += [("ruff", False), ("optax", True)]
     chosen, notes, problems = gpu_check.plan_install(wheels, installed, roots)
-    # flax 0.13 does not satisfy <0.13: the wheel shadows it; rich 14 does and stays.
+    # flax 0.13 does not satisfy <0.13: the wheel shadows it; pyyaml 6.0 satisfies >=5 and stays.
     assert chosen["flax"] == ("wheel", "0.12.8")
-    assert chosen["rich"] == ("installed", "14.0")
+    assert chosen["pyyaml"] == ("installed", "6.0")
+    # rich 14 satisfied the project's rich>=13, then not optax's rich>=15: the wheel replaces it.
+    assert chosen["rich"] == ("wheel", "15.0.0") and chosen["optax"] == ("wheel", "0.2.8")
     assert chosen["treescope"] == ("wheel", "0.1.10") and chosen["fsspec"] == ("wheel", "2026.9.0")
     assert "zipp" not in chosen  # only the extras asked for are walked
     assert "jax" not in chosen  # never installed, never replaced ...
