@@ -544,6 +544,8 @@ def build_report(work: str, final: bool) -> dict:
         problems += [f"install: {p}" for p in install.get("problems", [])]
         problems += [f"import {m}: {r}" for m, r in (install.get("imports") or {}).items() if r != "ok"]
     if gpu:
+        if plan and not any(name.startswith("gpu_tests:") for name in plan):
+            problems.append("no GPU test class found in tests/ (gpu_check.py gpu-classes)")
         for st in test_steps:
             if not st["tests"]:
                 problems.append(f"{st['step']}: no test ran (none selected, or pytest died first)")
