@@ -664,8 +664,9 @@ def render_md(r: dict) -> str:
     out += ["## Kernels (benchmarks/kernels.py)", ""]
     for run in r["kernel_runs"]:
         out += [
-            f"- {run.get('device')} ({run.get('platform')}), bf16 peak {_f(run.get('peak_flops'), 1e-12)} "
-            f"TFLOP/s, HBM {_f(run.get('hbm_bytes_per_s'), 1e-9)} GB/s, jax {run.get('jax')}, "
+            f"- {run.get('device')} ({run.get('platform')}), bf16 peak "
+            f"{_f(run.get('peak_flops'), 1e-12, '{:.4g}')} TFLOP/s, "
+            f"HBM {_f(run.get('hbm_bytes_per_s'), 1e-9, '{:.4g}')} GB/s, jax {run.get('jax')}, "
             f"args `{' '.join(run.get('argv') or [])}`"
         ]
     if r["kernels"]:
@@ -684,9 +685,9 @@ def render_md(r: dict) -> str:
                         k["shape"],
                         k["impl"],
                         _f(k.get("median_s"), 1e3),
-                        _f(k.get("bytes_per_s"), 1e-9),
+                        _f(k.get("bytes_per_s"), 1e-9, "{:.4g}"),
                         _f(k.get("hbm_frac"), pct=True),
-                        _f(k.get("flops_per_s") or None, 1e-12),
+                        _f(k.get("flops_per_s") or None, 1e-12, "{:.4g}"),
                         _f(k.get("peak_frac"), pct=True),
                         _f(k.get("vs_xla"), fmt="{:.1e}"),
                         _f(k.get("speedup_vs_xla"), fmt="{:.2f}x"),
