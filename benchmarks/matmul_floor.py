@@ -47,8 +47,7 @@ if REPO not in sys.path:
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-import turbos_jax  # noqa: E402,F401  (host allocator setting, as in the trainer)
-from turbos_jax import cli  # noqa: E402
+from turbos_jax import cli  # noqa: E402  (cli.run: the trainer's host allocator setting on CPU)
 
 RESULT_TAG = "@@dots "
 

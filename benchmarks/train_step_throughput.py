@@ -29,9 +29,10 @@ slow each other down several-fold). "other procs' cores" is the CPU time other p
 the timed windows divided by wall time: PyTorch's OpenMP threads degrade badly (up to 20x) when
 another process takes a core, so only rows with a value near 0 are comparable.
 
-Both workers import turbos_jax first, so both run under the same host allocator setting
-(turbos_jax/host_memory.py): --host_malloc=keep (default, what `python -m turbos_jax.train` gets)
-or =system (glibc's defaults), passed to them as TURBOS_JAX_HOST_MALLOC.
+Both workers start through `cli.run`, as `python -m turbos_jax.train` does, so on a CPU backend both
+run under the same host allocator setting (turbos_jax/host_memory.py), applied before JAX or torch
+start threads: --host_malloc=keep (default, what the trainer gets on CPU) or =system (glibc's
+defaults), passed to them as TURBOS_JAX_HOST_MALLOC.
 
 Shapes of the PyTorch model (layer symbol A -> "full_attention" "*", M -> "linear_attention" "M",
 F -> "moe" "E"): everything is copied from the config except where NemotronH differs by design:
@@ -79,9 +80,8 @@ if REPO not in sys.path:
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-# Before JAX or torch start threads, so that both workers run under the same host allocator
-# setting (turbos_jax/host_memory.py; --host_malloc picks it for the workers).
-import turbos_jax  # noqa: E402,F401
+# cli.run applies the host allocator setting (turbos_jax/host_memory.py) in every process of the
+# benchmark on a CPU backend, before JAX or torch start threads; --host_malloc picks it for the workers.
 from turbos_jax import cli, host_memory  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(

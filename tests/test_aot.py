@@ -76,6 +76,7 @@ import configs.tiny
 from pallas_kernels import mamba2 as mamba2_ops
 from turbos_jax import aot
 
+aot.configure_host()  # what `main` does: JAX on the CPU, libtpu told this is no TPU VM
 real = mamba2_ops.chunk_scan
 
 def chunk_scan(*args, impl="xla", **kwargs):
@@ -97,7 +98,8 @@ except aot.AotError as e:
 def test_aot_kernel_failure_is_one_line_error():
     """A Pallas kernel that cannot lower for the requested slice (simulated: the scan raises while
     the step is traced) is reported as one AotError line naming the switch that avoids it. In a
-    subprocess: turbos_jax.aot defines absl flags that other test files' imports also define."""
+    subprocess: the test replaces the kernel module's function, and `aot.configure_host` changes
+    process-wide settings."""
     import pytest
 
     if importlib.util.find_spec("libtpu") is None:

@@ -495,6 +495,7 @@ def _rows_worker() -> None:
 if __name__ == "__main__":
     from absl import flags
 
+    distributed.define_flags()  # --coordinator_address etc., as `python -m turbos_jax.train` defines them
     args = flags.FLAGS(sys.argv)[1:]
     try:
         distributed.maybe_initialize()

@@ -21,26 +21,42 @@ Answers "does this config fit, and how much HBM does one step take per chip?" wi
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host runs nothing; the TPU is only a target
-# libtpu looks for a TPU VM's metadata otherwise and prints warnings about it.
-os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+import jax
+from absl import app, flags
+from ml_collections import config_flags
 
-import dataclasses  # noqa: E402
-import json  # noqa: E402
+from turbos_jax import cli, sharding
+from turbos_jax.config import ModelConfig, check_train_config
 
-import jax  # noqa: E402
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+_CONFIG = _TOPOLOGY = _JSON = None  # absl flags, defined by define_flags() (not on import)
 
-from turbos_jax import cli, sharding  # noqa: E402
-from turbos_jax.config import ModelConfig, check_train_config  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v5p:2x2x1, v4:2x2x1, v6e:2x2.")
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
+def define_flags() -> None:
+    """This command's absl flags, defined when it runs as `python -m turbos_jax.aot`: importing the
+    module defines none (other entry points define --config too)."""
+    global _CONFIG, _TOPOLOGY, _JSON
+    if _CONFIG is not None:
+        return
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+    _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU slice, e.g. v5p:2x2x1, v4:2x2x1, v6e:2x2.")
+    _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
+
+
+def configure_host() -> None:
+    """Process-wide settings for compiling on a host that only targets the TPU; `main` calls it, a
+    program calling `analyse` itself calls it first (before anything starts a JAX backend):
+    JAX runs on the CPU here (the TPU is only a compile target, even on a TPU VM), and libtpu, loaded to
+    describe the slice, is told not to look for this VM's TPU metadata and workers (it prints warnings
+    and errors about them otherwise). Values already set in the environment are kept."""
+    if not os.environ.get("JAX_PLATFORMS"):
+        jax.config.update("jax_platforms", "cpu")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+
 
 GiB = 1024**3
 HBM_BYTES = {"v4": 32 * GiB, "v5e": 16 * GiB, "v5litepod": 16 * GiB, "v5p": 95 * GiB, "v6e": 32 * GiB}
@@ -171,6 +187,7 @@ def format_table(r: dict) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    configure_host()
     if _CONFIG.value is None or not _TOPOLOGY.value:
         raise app.UsageError(
             "--config and --topology are required, e.g. --config=configs/tiny.py --topology=v5p:2x2x1"
@@ -180,4 +197,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     cli.run(main)

@@ -1,13 +1,25 @@
-"""Shared entry-point wrapper: bad input ends in one `error: ...` line, not a traceback."""
+"""Shared entry-point wrapper: bad input ends in one `error: ...` line, not a traceback.
+
+`run` is also the one place where a command-line run changes process-wide state (`prepare_process`):
+the host allocator setting on CPU backends (turbos_jax/host_memory.py) and, on a host with libtpu
+installed but no TPU attached, JAX's platform list narrowed to the CPU so that the TPU plugin is not
+probed (it prints start-up warnings and errors). Importing any module of the package does neither.
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import sys
 from collections.abc import Callable
 
 from absl import app
 
+from turbos_jax import host_memory
 from turbos_jax.config import ConfigError
+
+# Device files whose presence means JAX may pick a GPU backend (NVIDIA, NVIDIA in Docker, WSL2, AMD).
+_GPU_DEVICE_FILES = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd")
 
 
 class UserError(Exception):
@@ -20,10 +32,10 @@ def run(main: Callable[[list[str]], None], *user_errors: type[BaseException]) ->
     ml_collections applies `--config.KEY=VALUE` overrides while absl parses flags, before `main`
     runs, and raises a bare KeyError/AttributeError for a KEY the config does not have.
     """
-    from turbos_jax import host_memory
-
-    if host_memory.setting_error:  # rejected when `import turbos_jax` ran, before any flag
-        sys.exit(f"error: {host_memory.setting_error}")
+    try:
+        prepare_process()
+    except ValueError as e:  # a bad TURBOS_JAX_HOST_MALLOC, before any flag is parsed
+        sys.exit(f"error: {e}")
     started = []
 
     def wrapped(argv):
@@ -42,6 +54,53 @@ def run(main: Callable[[list[str]], None], *user_errors: type[BaseException]) ->
         key = str(e).strip("'\"")
         culprit = next((o for o in overrides if o.endswith("." + key)), ", ".join(overrides))
         sys.exit(f"error: {culprit}: the config has no key {key!r}")
+
+
+def expected_platform() -> str:
+    """The platform of JAX's default backend ("cpu", "tpu", "gpu", or another name JAX_PLATFORMS
+    gives), told without starting a backend: the first entry of JAX_PLATFORMS (or of
+    `jax.config.jax_platforms`) when set, else "tpu" / "gpu" when the host has TPU chips
+    (`distributed.tpu_present`) / GPU device files, else "cpu". Errs away from "cpu" (a GPU device file
+    without a CUDA-enabled jaxlib still says "gpu"): "cpu" is what turns the settings below on."""
+    import jax
+
+    from turbos_jax import distributed
+
+    configured = (jax.config.jax_platforms or "").split(",")[0].strip().lower()
+    if configured:
+        return {"cuda": "gpu", "rocm": "gpu"}.get(configured, configured)
+    if distributed.tpu_present():
+        return "tpu"
+    if any(os.path.exists(f) for f in _GPU_DEVICE_FILES):
+        return "gpu"
+    return "cpu"
+
+
+def prepare_process() -> str:
+    """The process-wide settings of a command-line run; returns `expected_platform()`. Call before
+    absl parses flags and before anything starts a JAX backend (`run` does).
+
+    * TURBOS_JAX_HOST_MALLOC is checked (ValueError, one line, for a bad value) and, on a CPU backend
+      only, the host allocator setting is applied (turbos_jax/host_memory.py; opt out with
+      TURBOS_JAX_HOST_MALLOC=system).
+    * On a CPU-only host with libtpu installed (`jax[tpu]`) and no JAX_PLATFORMS set, JAX would load
+      libtpu to look for a TPU, and libtpu prints warnings and an INVALID_ARGUMENT error about TPU
+      worker hostnames / accelerator type before JAX falls back to the CPU. `jax_platforms` is set to
+      "cpu" instead (this process only; the environment is untouched). Not on a host with TPU chips,
+      GPU device files or PJRT_NAMES_AND_LIBRARY_PATHS, nor when JAX_PLATFORMS is set: asking for a
+      TPU that is not there still fails loudly.
+    """
+    import jax
+
+    host_memory.check_setting()
+    platform = expected_platform()
+    if platform != "cpu":
+        return platform
+    host_memory.keep_freed_memory()
+    libtpu = importlib.util.find_spec("libtpu") is not None or bool(os.environ.get("TPU_LIBRARY_PATH"))
+    if libtpu and not jax.config.jax_platforms and not os.environ.get("PJRT_NAMES_AND_LIBRARY_PATHS"):
+        jax.config.update("jax_platforms", "cpu")
+    return platform
 
 
 def config_or_tiny(config_flag_value):

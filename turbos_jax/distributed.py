@@ -5,9 +5,11 @@ afterwards `jax.devices()` lists the devices of all processes, a mesh can span h
 Grain see `jax.process_index()` / `jax.process_count()`. `maybe_initialize()` decides whether and how
 to call it, in this order:
 
-1. Flags `--coordinator_address=HOST:PORT --num_processes=N --process_id=I`, each falling back to the
-   environment variable `JAX_COORDINATOR_ADDRESS` / `JAX_NUM_PROCESSES` / `JAX_PROCESS_ID`. If any is
-   set the job is explicitly configured: the values are checked (a bad combination is a one-line
+1. Flags `--coordinator_address=HOST:PORT --num_processes=N --process_id=I` (defined by
+   `define_flags()`, which `python -m turbos_jax.train` calls; a program that never calls it has only
+   the environment variables), each falling back to the environment variable
+   `JAX_COORDINATOR_ADDRESS` / `JAX_NUM_PROCESSES` / `JAX_PROCESS_ID`. If any is set the job is
+   explicitly configured: the values are checked (a bad combination is a one-line
    `DistributedError` naming the flag or variable) and, for N > 1, passed to JAX. Values left unset
    are auto-detected by JAX only inside a cluster environment it knows (below); elsewhere they are
    required.
@@ -29,18 +31,30 @@ from absl import flags
 
 from turbos_jax import cli
 
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address",
-    None,
-    "HOST:PORT of process 0's coordination service, identical on every process (multi-host; "
-    "default: $JAX_COORDINATOR_ADDRESS, or auto-detected on TPU pods / Slurm / Open MPI).",
-)
-_NUM_PROCESSES = flags.DEFINE_integer(
-    "num_processes", None, "Number of processes in the job (default: $JAX_NUM_PROCESSES or auto)."
-)
-_PROCESS_ID = flags.DEFINE_integer(
-    "process_id", None, "This process's index in [0, num_processes) (default: $JAX_PROCESS_ID or auto)."
-)
+# This module's absl flags, defined by `define_flags()` when an entry point runs as a command (not on
+# import: a notebook may import every module of the package in one process).
+_COORDINATOR = _NUM_PROCESSES = _PROCESS_ID = None
+
+
+def define_flags() -> None:
+    """Defines --coordinator_address, --num_processes and --process_id (once per process); called by
+    the `python -m turbos_jax.*` entry points that start multi-host jobs, before `cli.run`."""
+    global _COORDINATOR, _NUM_PROCESSES, _PROCESS_ID
+    if _COORDINATOR is not None:
+        return
+    _COORDINATOR = flags.DEFINE_string(
+        "coordinator_address",
+        None,
+        "HOST:PORT of process 0's coordination service, identical on every process (multi-host; "
+        "default: $JAX_COORDINATOR_ADDRESS, or auto-detected on TPU pods / Slurm / Open MPI).",
+    )
+    _NUM_PROCESSES = flags.DEFINE_integer(
+        "num_processes", None, "Number of processes in the job (default: $JAX_NUM_PROCESSES or auto)."
+    )
+    _PROCESS_ID = flags.DEFINE_integer(
+        "process_id", None, "This process's index in [0, num_processes) (default: $JAX_PROCESS_ID or auto)."
+    )
+
 
 ENV = {
     "coordinator_address": "JAX_COORDINATOR_ADDRESS",
@@ -76,21 +90,35 @@ def _count(hosts: str) -> int:
     return len([h for h in hosts.split(",") if h.strip()])
 
 
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def tpu_present() -> bool:
+    """Whether this host may have TPU chips attached, from the PCI bus and /dev only (no JAX backend is
+    started, libtpu is not loaded). True on a Cloud TPU VM: its chips are Google PCI devices, exposed
+    as /dev/accel* (v2-v4) or /dev/vfio/N (v5e and later). Google's virtual NIC and NVMe disks (PCI
+    classes 0x02 network and 0x01 storage) on a plain GCE VM do not count. Errs towards True: callers
+    use False to skip TPU-only work."""
+    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        if _read(vendor) != _GOOGLE_PCI_VENDOR:
+            continue
+        pci_class = _read(os.path.join(os.path.dirname(vendor), "class"))
+        if not pci_class.startswith(("0x01", "0x02")):
+            return True
+    return bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
 def _tpu_workers(environ) -> int:
     """Number of workers of the Cloud TPU slice this VM belongs to (0: not a TPU VM)."""
     hosts = environ.get("TPU_PROCESS_ADDRESSES") or environ.get("TPU_WORKER_HOSTNAMES")
     if hosts:
         return _count(hosts)
-    if environ.get("TPU_SKIP_MDS_QUERY") is not None:
-        return 0
-    vendors = []
-    for path in glob.glob("/sys/bus/pci/devices/*/vendor"):
-        try:
-            with open(path) as f:
-                vendors.append(f.read().strip())
-        except OSError:
-            pass
-    if _GOOGLE_PCI_VENDOR not in vendors:
+    if environ.get("TPU_SKIP_MDS_QUERY") is not None or not tpu_present():
         return 0
     try:  # a TPU VM: the metadata server lists every worker of the slice
         req = urllib.request.Request(_METADATA_URL, headers={"Metadata-Flavor": "Google"})
@@ -183,7 +211,8 @@ def maybe_initialize(*, verbose: bool = True) -> bool:
     docstring); returns whether it did. Call before anything touches a JAX device."""
     if jax.distributed.is_initialized():
         return True
-    kwargs = resolve(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    given = [f.value if f is not None else None for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID)]
+    kwargs = resolve(*given)  # without define_flags(): the JAX_* environment variables only
     if kwargs is None:
         return False
     try:

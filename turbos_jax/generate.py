@@ -28,16 +28,26 @@ from turbos_jax.generation.api import generate
 from turbos_jax.generation.quantize import quantize_params
 from turbos_jax.generation.sampling import SamplingParams
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
-_PROMPT = flags.DEFINE_string("prompt", None, "Prompt text.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate at most.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = off).")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus mass (1 = off).")
-_MIN_P = flags.DEFINE_float("min_p", 0.0, "Keep tokens with p >= min_p * max p (0 = off).")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-_INT8 = flags.DEFINE_bool("int8", False, "Int8 weight-only quantisation of matmul weights.")
+# absl flags, defined by define_flags() (not on import).
+_CONFIG = _WORKDIR = _PROMPT = _MAX_NEW = _TEMPERATURE = _TOP_K = _TOP_P = _MIN_P = _SEED = _INT8 = None
+
+
+def define_flags() -> None:
+    """This command's absl flags, defined when it runs as `python -m turbos_jax.generate`: importing
+    the module (e.g. for `restore_params`, next to `turbos_jax.train`) defines none."""
+    global _CONFIG, _WORKDIR, _PROMPT, _MAX_NEW, _TEMPERATURE, _TOP_K, _TOP_P, _MIN_P, _SEED, _INT8
+    if _CONFIG is not None:
+        return
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+    _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
+    _PROMPT = flags.DEFINE_string("prompt", None, "Prompt text.")
+    _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate at most.")
+    _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+    _TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = off).")
+    _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus mass (1 = off).")
+    _MIN_P = flags.DEFINE_float("min_p", 0.0, "Keep tokens with p >= min_p * max p (0 = off).")
+    _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+    _INT8 = flags.DEFINE_bool("int8", False, "Int8 weight-only quantisation of matmul weights.")
 
 
 class GenerateError(cli.UserError):
@@ -130,4 +140,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     cli.run(main, DataError, GenerateError)

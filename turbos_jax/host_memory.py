@@ -12,13 +12,17 @@ What. `keep_freed_memory()` asks glibc (`mallopt`) for one malloc arena, no mmap
 reused by the next step, with no page faults. The cost: memory freed by the process stays resident
 (RSS keeps its peak), and threads share one arena lock (XLA's allocations are few and large).
 
-When. `turbos_jax/__init__.py` calls it on import, before JAX starts its thread pools: the arena
-limit binds only threads that first allocate after the call, so `python -m turbos_jax.train` (and
-every other entry point) gets it, while a process that imported JAX and ran computations first may
-get it only partly. Linux with glibc only; elsewhere nothing happens. Opt out by setting the
-environment variable TURBOS_JAX_HOST_MALLOC=system before the import. Any other value than keep /
-system: `import turbos_jax` warns and keeps glibc's defaults; the `python -m turbos_jax.*` entry
-points stop with a one-line error naming the variable.
+When. Only the command-line entry points apply it: `cli.run` (every `python -m turbos_jax.*`, and
+the benchmarks built on it) calls `keep_freed_memory()` before absl parses flags and before JAX
+starts a backend and its thread pools, and only when JAX's backend will be the CPU
+(`cli.expected_platform`, decided from JAX_PLATFORMS and the accelerator device files without
+starting a backend): on a TPU or GPU host the step's temporaries live in device memory and the
+setting would only keep host memory resident. The arena limit binds only threads that first
+allocate after the call, so a program that started JAX computations first gets it only partly.
+Importing `turbos_jax` changes nothing. Linux with glibc only; elsewhere nothing happens. Opt out
+by setting the environment variable TURBOS_JAX_HOST_MALLOC=system; any other value than keep /
+system stops the entry points with a one-line error naming the variable (`check_setting`). A
+library user (notebook, own script) who wants the setting calls `keep_freed_memory()` first thing.
 """
 
 from __future__ import annotations
@@ -37,9 +41,6 @@ _M_ARENA_MAX = -8
 _TRIM_THRESHOLD_BYTES = 1 << 30
 
 _applied: bool | None = None
-# The message of a rejected TURBOS_JAX_HOST_MALLOC value, set by turbos_jax/__init__.py;
-# cli.run stops with it.
-setting_error: str | None = None
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -53,6 +54,15 @@ def _glibc() -> ctypes.CDLL | None:
         return None
 
 
+def check_setting() -> str:
+    """TURBOS_JAX_HOST_MALLOC's value, "keep" (the default) or "system"; raises ValueError (one line,
+    naming the variable) for any other."""
+    choice = os.environ.get(ENV_VAR, "keep").strip().lower() or "keep"
+    if choice not in _CHOICES:
+        raise ValueError(f"{ENV_VAR}={os.environ[ENV_VAR]!r}: expected one of {_CHOICES}")
+    return choice
+
+
 def keep_freed_memory() -> bool:
     """Applies the setting once per process; returns whether it is in effect.
 
@@ -61,10 +71,7 @@ def keep_freed_memory() -> bool:
     global _applied
     if _applied is not None:
         return _applied
-    choice = os.environ.get(ENV_VAR, "keep").strip().lower() or "keep"
-    if choice not in _CHOICES:
-        raise ValueError(f"{ENV_VAR}={os.environ[ENV_VAR]!r}: expected one of {_CHOICES}")
-    libc = _glibc() if choice == "keep" else None
+    libc = _glibc() if check_setting() == "keep" else None
     ok = libc is not None
     if ok:
         # mallopt returns 1 on success; apply all three or report failure.

@@ -17,9 +17,18 @@ from ml_collections import config_flags
 from turbos_jax import accounting, cli
 from turbos_jax.config import ModelConfig
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 4096, "Sequence length for the FLOP count.")
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
+_CONFIG = _SEQ_LEN = _JSON = None  # absl flags, defined by define_flags() (not on import)
+
+
+def define_flags() -> None:
+    """This command's absl flags, defined when it runs as `python -m turbos_jax.summary`: importing
+    the module defines none (other entry points define --config too)."""
+    global _CONFIG, _SEQ_LEN, _JSON
+    if _CONFIG is not None:
+        return
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+    _SEQ_LEN = flags.DEFINE_integer("seq_len", 4096, "Sequence length for the FLOP count.")
+    _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
 
 
 def _human(n: float) -> str:
@@ -62,4 +71,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     cli.run(main)

@@ -27,8 +27,18 @@ from turbos_jax.config import ConfigError, ModelConfig, check_train_config
 from turbos_jax.data import DataError, make_eval_iterator, make_train_iterator
 from turbos_jax.step import BATCH_KEYS, build_train_program, loss_fn  # noqa: F401 (loss_fn re-exported)
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+_CONFIG = _WORKDIR = None  # absl flags, defined by define_flags() (not on import)
+
+
+def define_flags() -> None:
+    """This command's absl flags (and distributed.py's multi-host ones), defined when it runs as
+    `python -m turbos_jax.train`: importing the module (e.g. for `train_and_evaluate`) defines none."""
+    global _CONFIG, _WORKDIR
+    if _CONFIG is not None:
+        return
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+    _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+    distributed.define_flags()
 
 
 class NonFiniteLossError(RuntimeError):
@@ -205,4 +215,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     cli.run(main, DataError, NonFiniteLossError)

@@ -278,13 +278,29 @@ def _setup(config, process_index, process_count):
     return pi, pc, batch, phases, tokenizer, _eval_fraction(config)
 
 
+# Grain (0.2.x, with JAX's profiler hooks) reads this absl flag's value whenever a worker process's
+# iterator starts (lazily, at the first element), with no fallback to the default: in a process that
+# never parsed absl flags (a notebook, a test; the command-line entry points parse them) that raises
+# UnparsedFlagAccessError.
+_GRAIN_WORKER_PROFILING_FLAG = "grain_enable_multiprocess_worker_profiling"
+
+
+def _let_grain_read_its_flag() -> None:
+    """Before Grain starts worker processes where absl flags are unparsed: marks Grain's one flag that
+    it reads unguarded as given (keeping its value, the default unless set), as Grain itself does for
+    its debug flags in a worker. The process's flags stay unparsed (no `FLAGS.mark_as_parsed()`) and
+    every other flag is untouched; a later `app.run` parses the command line as usual."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed() and _GRAIN_WORKER_PROFILING_FLAG in flags.FLAGS:
+        flag = flags.FLAGS[_GRAIN_WORKER_PROFILING_FLAG]
+        flag.present = flag.present or 1
+
+
 def _stream(name, docs: grain.MapDataset, n_docs, tokenizer, row_len, workers) -> PackIterator:
     ds = docs.map(Tokenize(tokenizer)).to_iter_dataset(_READ)
     if workers:
-        from absl import flags
-
-        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (defaults are fine)
-            flags.FLAGS.mark_as_parsed()
+        _let_grain_read_its_flag()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
     return PackIterator(ds.__iter__(), row_len, max_empty=n_docs, name=name)
 
