@@ -63,6 +63,31 @@ def test_aot_report_or_one_line_error():
     assert r["flops_per_device"] > 0
 
 
+def test_aot_says_when_a_config_does_not_fit():
+    """The fit verdict can be False: the tiny layout at d_model 8192 and expert width 32768 needs
+    ~184 GiB of temporaries per v5p chip (measured 2026-11-26), which the TPU compiler refuses."""
+    import pytest
+
+    if importlib.util.find_spec("libtpu") is None and not os.environ.get("TURBOS_TEST_LIBTPU_PATH"):
+        pytest.skip("libtpu is not installed: pip install -e '.[test]' (jax[tpu])")
+    out = _run(
+        "--topology=v5p:2x2x1",
+        "--json",
+        "--config.mesh.data=1",
+        "--config.mesh.expert=2",
+        "--config.mesh.model=2",
+        "--config.model.d_model=8192",
+        "--config.model.expert_dim=32768",
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout)
+    assert r["fits"] is False
+    if r["per_device_bytes"] is None:  # the compiler proved it: out of HBM
+        assert r["error"].startswith("RESOURCE_EXHAUSTED") and "HBM" in r["error"]
+    else:
+        assert r["per_device_bytes"]["total"] > r["hbm_bytes"]
+
+
 def test_aot_bad_topology_is_one_line():
     out = _run("--topology=v5p")
     assert out.returncode == 1
