@@ -330,6 +330,71 @@ def _ckpt_worker(workdir: str, phase: str) -> None:
     print(f"restored step 3 on process {pid}: state and data stream OK", flush=True)
 
 
+def test_two_processes_agree_before_moving_a_checkpoint(tmp_path):
+    """Restore verdicts are agreed by all processes: when only process 1 cannot read the newest
+    step, both move it aside (process 0 renames) and both restore the previous one; a target of
+    another shape stops both with the one-line mismatch and moves nothing."""
+    work = str(tmp_path)
+    _run_job(_worker("verdict", work, "save"))
+    results = _run_job(_worker("verdict", work, "incompatible"), check=False)
+    for r in results:
+        assert r.returncode == 1, r.stderr[-2000:]
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: checkpoint step 2 in ") and "(8, 3) float32 in the checkpoint" in last
+    assert sorted(os.listdir(os.path.join(work, "checkpoints"))) == ["1", "2"]
+
+    results = _run_job(_worker("verdict", work, "unreadable-on-1"))
+    assert [r.stdout.strip().splitlines()[-1] for r in results] == [
+        "process 0 restored step 1",
+        "process 1 restored step 1",
+    ]
+    assert all("checkpoint step 2 is unreadable" in r.stdout for r in results)
+    assert "found unreadable by process(es) [1]" in results[0].stdout  # process 0 could read it
+    moved = [d for d in os.listdir(os.path.join(work, "checkpoints")) if d.startswith("corrupt-2-")]
+    assert len(moved) == 1 and not os.path.exists(os.path.join(work, "checkpoints", "2"))
+
+
+def _verdict_worker(workdir: str, phase: str) -> None:
+    import grain
+    import orbax.checkpoint as ocp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from turbos_jax import cli
+    from turbos_jax.checkpointing import Checkpointer
+
+    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    rows = NamedSharding(mesh, P("data"))
+    full = np.arange(8 * 3, dtype=np.float32).reshape(8, 3)
+    it = grain.MapDataset.range(100).to_iter_dataset().__iter__()
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=5)
+    if phase == "save":
+        for step in (1, 2):
+            state = {"w": jax.make_array_from_callback(full.shape, rows, lambda i, s=step: full[i] * s)}
+            ckpt.save(step, state, it)
+        ckpt.close()
+        return
+    shape = (8, 4) if phase == "incompatible" else full.shape
+    target = {"w": jax.ShapeDtypeStruct(shape, full.dtype, sharding=rows)}
+    if phase == "unreadable-on-1" and jax.process_index() == 1:
+        real = ocp.StandardCheckpointHandler.restore
+
+        def fail_on_step_2(self, directory, *args, **kwargs):
+            if os.path.basename(os.path.dirname(str(directory))) == "2":
+                raise OSError("simulated read error on process 1")
+            return real(self, directory, *args, **kwargs)
+
+        ocp.StandardCheckpointHandler.restore = fail_on_step_2
+    try:
+        step, state = ckpt.restore_latest(target, it)
+    except cli.UserError as e:
+        sys.exit(f"error: {e}")
+    for shard in state["w"].addressable_shards:
+        np.testing.assert_array_equal(np.asarray(shard.data), full[shard.index] * step)
+    ckpt.close()
+    print(f"process {jax.process_index()} restored step {step}", flush=True)
+
+
 def _digest_worker(path: str) -> None:
     """Restores a saved state fully replicated over the job's devices; prints its digest."""
     import orbax.checkpoint as ocp
@@ -502,4 +567,6 @@ if __name__ == "__main__":
     except distributed.DistributedError as e:
         sys.exit(f"error: {e}")
     mode, rest = args[0], args[1:]
-    {"ckpt": _ckpt_worker, "digest": _digest_worker, "rows": _rows_worker}[mode](*rest)
+    {"ckpt": _ckpt_worker, "digest": _digest_worker, "rows": _rows_worker, "verdict": _verdict_worker}[mode](
+        *rest
+    )
