@@ -2,7 +2,7 @@
 
 The script runs in a subprocess (as a user runs it) with the test process's XLA flags and platform.
 The full smoke run (every op, both impls, Pallas interpret mode) takes over a minute on a shared
-2-core host, so it is marked slow; a subset runs by default.
+2-core host, so it is marked slow (`-m "not slow"` leaves it out of a quick pass).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import subprocess
 import sys
 
 import pytest
+from helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "kernels.py")
 HEADER = "| op | shape | impl | median ms |"
 

@@ -9,12 +9,11 @@ import sys
 import textwrap
 
 import pytest
+from helpers import ROOT, subprocess_env
 
 from configs import tiny
 from turbos_jax import train
 from turbos_jax.config import ConfigError
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _PROBE = textwrap.dedent("""
     import os, sys
@@ -36,8 +35,7 @@ _PROBE = textwrap.dedent("""
 
 
 def _probe(path, *, env_dir=None, salt=3.0):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
-    env["JAX_PLATFORMS"] = "cpu"
+    env = subprocess_env(share_cache=False, fast_compile=True, JAX_PLATFORMS="cpu")
     if env_dir is not None:
         env["JAX_COMPILATION_CACHE_DIR"] = env_dir
     out = subprocess.run(
@@ -90,13 +88,7 @@ def test_non_string_value_names_the_key():
 
 def test_trainer_fills_the_configured_cache(tmp_path):
     """The CLI wires config.compilation_cache_dir through (no JAX cache variable set)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    env["XLA_FLAGS"] = " ".join(
-        f
-        for f in env.get("XLA_FLAGS", "").split()
-        if not f.startswith("--xla_force_host_platform_device_count")
-    )
+    env = subprocess_env(share_cache=False, fast_compile=True, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     cache = tmp_path / "xla"
     cmd = [
         sys.executable,

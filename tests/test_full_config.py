@@ -1,20 +1,18 @@
 """The 560B TurboS config through `nnx.eval_shape`: counts, parameter bands, shapes, shardings."""
 
 import json
-import os
 import subprocess
 import sys
 
 import jax
 import pytest
 from flax import nnx
+from helpers import ROOT
 from jax.sharding import PartitionSpec as P
 
 from configs import turbos
 from turbos_jax import accounting, sharding
 from turbos_jax.config import ModelConfig
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")

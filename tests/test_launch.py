@@ -7,8 +7,8 @@ import shutil
 import subprocess
 
 import pytest
+from helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "launch", "gcloud.sh")
 BASE = ["--name=tjax", "--zone=us-east5-a", "--project=proj"]
 TPU = "gcloud compute tpus tpu-vm"

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import assert_close
 
 from pallas_kernels.mamba2 import chunk_scan, state_update
 
@@ -142,17 +143,6 @@ def make_inputs(
             kw[k] = kw[k].astype(dtype)
     opts = dict(dt_softplus=softplus, dt_limit=dt_limit)
     return kw, opts
-
-
-def assert_close(actual, expected, rtol, name=""):
-    """Max error relative to the largest magnitude: robust to entries near zero."""
-    actual = np.asarray(actual).astype(np.float64)
-    expected = np.asarray(expected).astype(np.float64)
-    assert actual.shape == expected.shape, (name, actual.shape, expected.shape)
-    assert np.all(np.isfinite(actual)), name
-    scale = np.max(np.abs(expected)) + 1e-12
-    err = np.max(np.abs(actual - expected)) / scale
-    assert err <= rtol, f"{name}: max err {err:.2e} (rel. to max |ref| {scale:.2e}) > {rtol:.1e}"
 
 
 # ----------------------------------------------------------------------------- forward

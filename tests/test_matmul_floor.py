@@ -13,11 +13,11 @@ import sys
 import jax
 import jax.numpy as jnp
 import pytest
+from helpers import ROOT, subprocess_env
 
 from benchmarks import matmul_floor
 from turbos_jax.layers import moe
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "matmul_floor.py")
 
 
@@ -80,15 +80,8 @@ def test_time_dot_names_an_operand_type_it_cannot_time():
         matmul_floor.time_dot(dot, iters=1, windows=1)
 
 
-def _env():
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
-    env["JAX_PLATFORMS"] = "cpu"
-    env["XLA_FLAGS"] = " ".join(
-        f
-        for f in env.get("XLA_FLAGS", "").split()
-        if not f.startswith("--xla_force_host_platform_device_count")
-    )
-    return env
+def _env():  # the script manages its own compilation cache
+    return subprocess_env(share_cache=False, fast_compile=True, JAX_PLATFORMS="cpu")
 
 
 def test_script_reports_dots_and_step_on_small_shapes():

@@ -2,8 +2,8 @@
 
 Multi-process runs are real JAX multi-controller jobs on localhost: 2 processes x 2 fake CPU devices
 joined by `jax.distributed.initialize` (coordination service on a free port, Gloo collectives).
-Default tests: flag/environment resolution, the CLI's one-line errors, a 2-process Orbax + Grain
-checkpoint round trip, and an in-process restore onto other meshes. Slow tests (`-m slow`) run the
+Quick tests: flag/environment resolution, the CLI's one-line errors, a 2-process Orbax + Grain
+checkpoint round trip, and an in-process restore onto other meshes. Slow-marked tests run the
 trainer itself: 2-process train -> checkpoint -> exit -> resume, and training across a mesh change.
 
 This file is also the worker those tests start: `python tests/test_multihost.py MODE ARGS --flags`.
@@ -20,7 +20,8 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, subprocess_env
+
 if __name__ == "__main__":
     sys.path.insert(0, ROOT)
 
@@ -50,22 +51,9 @@ def _free_port() -> int:
 
 
 def _env(devices: int, processes: int = 1) -> dict:
-    env = dict(os.environ)
-    flags = [
-        f
-        for f in env.get("XLA_FLAGS", "").split()
-        if not f.startswith("--xla_force_host_platform_device_count")
-    ]
-    env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
-    env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = ROOT
-    for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
-        env.pop(k, None)
-    if processes == 1:  # multi-process CPU jobs disable the cache (turbos_jax/distributed.py)
-        env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir
-        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
-        env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-    return env
+    # Multi-process CPU jobs disable the compilation cache (turbos_jax/distributed.py); these tiny
+    # runs are nearly all compiling, so they keep the tests' -O0 backend.
+    return subprocess_env(devices=devices, share_cache=processes == 1, fast_compile=True)
 
 
 def _run_job(

@@ -11,13 +11,13 @@ import time
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from helpers import ROOT, subprocess_env
 
 from configs import tiny
 from turbos_jax import train
 from turbos_jax.config import ConfigError
 from turbos_jax.metrics import read_jsonl
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = [
     "--config.batch_size=4",
     "--config.seq_len=64",
@@ -25,25 +25,6 @@ SMALL = [
     "--config.checkpoint_every_steps=10",
     "--config.eval_every_steps=0",
 ]
-
-
-def _env():
-    env = dict(os.environ)
-    # One device in the subprocesses (the in-process tests below run on the 8 fake devices).
-    # These runs execute real steps, so they keep XLA's default optimisation level.
-    flags = env.get("XLA_FLAGS", "").split()
-    env["XLA_FLAGS"] = " ".join(
-        f
-        for f in flags
-        if not f.startswith(("--xla_force_host_platform_device_count", "--xla_backend_optimization_level"))
-    )
-    # Share compiled programs between the runs below (same shapes => same executables).
-    import jax
-
-    env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
-    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-    return env
 
 
 def _cmd(workdir, *extra, small=True):
@@ -60,7 +41,12 @@ def _cmd(workdir, *extra, small=True):
 
 def _run(workdir, *extra, check=True, small=True):
     out = subprocess.run(
-        _cmd(workdir, *extra, small=small), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600
+        _cmd(workdir, *extra, small=small),
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     if check and out.returncode:
         raise AssertionError(out.stderr[-3000:])
@@ -69,7 +55,12 @@ def _run(workdir, *extra, check=True, small=True):
 
 def _start(workdir, *extra):
     return subprocess.Popen(
-        _cmd(workdir, *extra), cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        _cmd(workdir, *extra),
+        cwd=ROOT,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 

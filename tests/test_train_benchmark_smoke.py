@@ -10,18 +10,13 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT, subprocess_env
+
 SCRIPT = os.path.join(ROOT, "benchmarks", "train_step_throughput.py")
 
 
 def test_jax_rows_compiled_then_from_cache():
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
-    env["JAX_PLATFORMS"] = "cpu"
-    env["XLA_FLAGS"] = " ".join(
-        f
-        for f in env.get("XLA_FLAGS", "").split()
-        if not f.startswith("--xla_force_host_platform_device_count")
-    )
+    env = subprocess_env(share_cache=False, fast_compile=True, JAX_PLATFORMS="cpu")  # its own cache
     proc = subprocess.run(
         [
             sys.executable,

@@ -1,0 +1,71 @@
+"""Helpers shared by the test files: the repository root, the environment of CLI runs in child
+processes, and closeness measured relative to the largest reference magnitude.
+
+Import as `from helpers import ...` (pytest puts tests/ on sys.path; so does running a test file as
+a script, as tests/test_multihost.py's workers are).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# XLA flags conftest.py sets for the in-process tests that child processes do not inherit: the fake
+# device count (children get one device unless asked) and the -O0 backend (children that run real
+# steps keep XLA's default optimisation level).
+_DEVICES_FLAG = "--xla_force_host_platform_device_count"
+_OPT_LEVEL_FLAG = "--xla_backend_optimization_level"
+
+
+def subprocess_env(
+    *, devices: int | None = None, share_cache: bool = True, fast_compile: bool = False, **overrides: str
+) -> dict:
+    """The environment for running a CLI (`python -m turbos_jax.train ...`) in a child process.
+
+    * XLA_FLAGS without the test-only flags above (fast_compile keeps conftest's -O0 backend, for
+      children whose run time is all compiling); `devices` = N adds N fake CPU devices (and sets
+      JAX_PLATFORMS=cpu); other flags (the YNNPACK workaround) are kept.
+    * ROOT on PYTHONPATH; no inherited multi-process coordinates (JAX_COORDINATOR_ADDRESS, ...).
+    * share_cache: the tests' persistent compilation cache with conftest's thresholds, so runs of
+      the same shapes compile once; False removes every JAX_COMPILATION_CACHE* variable (tests of
+      the cache itself, multi-process CPU jobs).
+    * `overrides`: further variables, set last.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    drop = (_DEVICES_FLAG,) if fast_compile else (_DEVICES_FLAG, _OPT_LEVEL_FLAG)
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(drop)]
+    if devices is not None:
+        flags.append(f"{_DEVICES_FLAG}={devices}")
+        env["JAX_PLATFORMS"] = "cpu"
+    env["XLA_FLAGS"] = " ".join(flags)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
+    for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        env.pop(k, None)
+    if share_cache:
+        import jax
+
+        env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir
+        env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
+        env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    env.update(overrides)
+    return env
+
+
+def max_rel_err(actual, expected) -> float:
+    """max |actual - expected| / max |expected| (in float64): robust to entries near zero."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return float(np.max(np.abs(actual - expected)) / (np.max(np.abs(expected)) + 1e-30))
+
+
+def assert_close(actual, expected, tol: float, name: str = "") -> float:
+    """Asserts equal shapes, finite `actual` and max_rel_err <= tol; returns the error."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape, (name, actual.shape, expected.shape)
+    assert np.isfinite(np.asarray(actual, np.float64)).all(), f"{name}: non-finite values"
+    err = max_rel_err(actual, expected)
+    scale = float(np.max(np.abs(np.asarray(expected, np.float64))))
+    assert err <= tol, f"{name}: max error {err:.2e} relative to max |ref| {scale:.2e} > {tol:.1e}"
+    return err
