@@ -1,4 +1,5 @@
-"""Whole-model invariants on the tiny config: jit, remat, scan, causality, packing, dtypes."""
+"""Whole-model invariants on the tiny config: jit, remat, scan, causality, packing, dtypes; and
+causality over several 128-token Mamba2 chunks with the production settings (configs/turbos_mini.py)."""
 
 import dataclasses
 
@@ -7,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import assert_close
 
-from configs import tiny
+from configs import tiny, turbos_mini
 from turbos_jax.config import ModelConfig
 from turbos_jax.model import TurbosModel, init_model, segment_positions
 
@@ -64,7 +66,7 @@ def test_jit_equals_eager(model_and_state):
     tokens = _tokens(1)
     eager, _ = model(tokens)
     jitted, _ = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, tokens)
-    np.testing.assert_allclose(eager, jitted, rtol=1e-5, atol=1e-5)
+    assert_close(jitted, eager, 5e-6)  # measured 5.7e-7 to 6.4e-7 of max |logit| over 3 seeds
 
 
 def _grads(cfg, tokens):
@@ -123,6 +125,31 @@ def test_causal_by_gradient(capacity_factor):
     assert np.all(dep[~future] > 0)
 
 
+def test_causal_by_gradient_over_several_chunks():
+    """turbos_mini's model as it trains (bf16 compute, capacity 1.5, scanned period + suffix, full
+    remat) on its 384-token sequences, 3 Mamba2 chunks of 128: the logits on both sides of each
+    chunk boundary depend on every earlier input and on no later one."""
+    cfg = ModelConfig.from_config(turbos_mini.get_config().model)
+    length = turbos_mini.get_config().seq_len
+    assert length > 2 * cfg.mamba_chunk and cfg.dtype == jnp.bfloat16 and cfg.capacity_factor == 1.5
+    graphdef, state = init_model(cfg, seed=0)
+    x = jax.random.normal(jax.random.key(4), (1, length, cfg.d_model))
+    rows = np.array([0, 127, 128, 255, 256, length - 1])
+
+    def dependence(t):  # sum over channels of |d logits[0, t].sum() / d x[0, s]|, for every s
+        out = lambda x: jax.lax.dynamic_index_in_dim(
+            nnx.merge(graphdef, state).from_embeddings(x)[0][0], t, keepdims=False
+        ).sum()
+        return jnp.abs(jax.grad(out)(x)).sum(-1)[0]
+
+    dep = np.asarray(jax.jit(lambda x: jax.lax.map(dependence, jnp.asarray(rows)))(x))  # (6, length)
+    future = np.arange(length)[None] > rows[:, None]
+    # Measured: exactly 0 on the future side (fp32 cumsum residue would allow 1e-7 x max, as
+    # above); the weakest past dependence is 3e-5 x max.
+    assert np.all(dep[future] <= 1e-7 * dep.max())
+    assert np.all(dep[~future] > 0)
+
+
 def test_packed_documents_are_independent(model_and_state):
     """Logits of a document packed after another equal those of the document alone."""
     _, (graphdef, state) = model_and_state
@@ -133,8 +160,9 @@ def test_packed_documents_are_independent(model_and_state):
     out_packed = fwd(packed, seg)
     out_b = fwd(doc_b, jnp.ones((1, 12), jnp.int32))
     out_a = fwd(doc_a, jnp.ones((1, 8), jnp.int32))
-    np.testing.assert_allclose(out_packed[:, 8:], out_b, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(out_packed[:, :8], out_a, rtol=1e-4, atol=1e-5)
+    # Measured over 3 seeds: the second document exactly equal, the first within 5e-7 of max |logit|.
+    assert_close(out_packed[:, 8:], out_b, 5e-6, "second document")
+    assert_close(out_packed[:, :8], out_a, 5e-6, "first document")
 
 
 def test_init_model_matches_eager_init():
@@ -155,7 +183,8 @@ def test_bf16_compute_keeps_fp32_params():
     l16, _ = m16(tokens)
     assert l16.dtype == jnp.float32
     p32, p16 = jax.nn.softmax(l32), jax.nn.softmax(l16)
-    assert float(jnp.abs(p32 - p16).sum(-1).max()) < 0.05  # bf16 rounding only
+    # bf16 rounding only: measured 1.7e-3 to 1.9e-3 total variation x 2 over 3 seeds.
+    assert float(jnp.abs(p32 - p16).sum(-1).max()) < 0.01
 
 
 def test_capacity_mode_runs_and_reports_drops():

@@ -1,0 +1,48 @@
+"""`python -m turbos_jax.generate` on the quickstart config: sampling from a trained checkpoint and
+the one-line errors. (The production settings' train -> generate run is test_production_path.py.)"""
+
+import subprocess
+import sys
+
+from helpers import ROOT, subprocess_env
+
+
+def _generate_cli(workdir, *extra):
+    cmd = [
+        sys.executable,
+        "-m",
+        "turbos_jax.generate",
+        "--config=configs/tiny.py",
+        f"--workdir={workdir}",
+        *extra,
+    ]
+    return subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+
+
+def test_cli_generates_from_trained_checkpoint(tmp_path):
+    """The quickstart config; the production settings' run is tests/test_production_path.py."""
+    train = [sys.executable, "-m", "turbos_jax.train", "--config=configs/tiny.py", f"--workdir={tmp_path}"]
+    sizes = ["--config.total_steps=2", "--config.batch_size=4", "--config.seq_len=32"]
+    out = subprocess.run(
+        [*train, *sizes, "--config.eval_every_steps=0"],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    out = _generate_cli(
+        tmp_path, "--prompt=Hello", "--max_new_tokens=12", "--temperature=0.8", "--top_k=20", "--seed=1"
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("[checkpoint step 2] Hello") and len(out.stdout.strip()) > 25
+
+
+def test_cli_errors(tmp_path):
+    out = _generate_cli(tmp_path, "--prompt=Hi")
+    assert out.returncode == 1
+    assert out.stderr.strip().startswith("error:") and "no checkpoint" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    out = _generate_cli(tmp_path, "--prompt=Hi", "--top_p=1.5")
+    assert out.returncode == 1 and "top_p" in out.stderr.strip().splitlines()[-1]
