@@ -3,7 +3,6 @@ model, alone and on a mesh (kernels wrapped in shard_map), and compiles for a TP
 Mosaic kernels in the program."""
 
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
@@ -94,11 +93,9 @@ def test_pallas_model_on_a_mesh_matches_one_device():
 
 
 def test_tiny_train_step_compiles_for_tpu_with_mosaic_kernels():
-    have_libtpu = importlib.util.find_spec("libtpu") is not None or bool(
-        os.environ.get("TURBOS_TEST_LIBTPU_PATH")
-    )
-    if not have_libtpu:
-        pytest.skip("no libtpu: pip install 'jax[tpu]' (the test extra) to compile for TPU")
+    from tpu_aot import skip_without_libtpu
+
+    skip_without_libtpu()  # installed (the test extra): a failed compile fails the test
     env = dict(os.environ, XLA_FLAGS="")
     if os.environ.get("TURBOS_TEST_LIBTPU_PATH"):
         env["PYTHONPATH"] = os.pathsep.join(
