@@ -66,10 +66,9 @@ def test_aot_report_or_one_line_error():
 def test_aot_says_when_a_config_does_not_fit():
     """The fit verdict can be False: the tiny layout at d_model 8192 and expert width 32768 needs
     ~184 GiB of temporaries per v5p chip (measured 2026-11-26), which the TPU compiler refuses."""
-    import pytest
+    from tpu_aot import skip_without_libtpu
 
-    if importlib.util.find_spec("libtpu") is None and not os.environ.get("TURBOS_TEST_LIBTPU_PATH"):
-        pytest.skip("libtpu is not installed: pip install -e '.[test]' (jax[tpu])")
+    skip_without_libtpu()
     out = _run(
         "--topology=v5p:2x2x1",
         "--json",

@@ -17,12 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import ROOT, subprocess_env
 
 from configs import tiny
 from turbos_jax import workdir as run_dir
 from turbos_jax.checkpointing import Checkpointer, IncompatibleCheckpointError
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ------------------------------------------------------------------------- helpers
@@ -186,16 +185,6 @@ def test_workdir_checks(tmp_path):
 
 
 # ------------------------------------------------------------------------- the CLI
-def _env():
-    env = dict(os.environ)
-    flags = env.get("XLA_FLAGS", "").split()
-    env["XLA_FLAGS"] = " ".join(
-        f for f in flags if not f.startswith("--xla_force_host_platform_device_count")
-    )
-    env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir
-    return env
-
-
 def _train(workdir, *extra):
     cmd = [
         sys.executable,
@@ -210,7 +199,7 @@ def _train(workdir, *extra):
         "--config.checkpoint_every_steps=2",
         *extra,
     ]
-    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
 
 
 def test_cli_rerun_with_a_changed_model_stops_and_keeps_everything(tmp_path):
