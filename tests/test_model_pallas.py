@@ -52,7 +52,8 @@ def _loss_and_grads(cfg, params, batch, mesh=None):
         )
 
 
-def _close(a, b, rtol=2e-4, atol=2e-6):
+# Measured (gradients up to ~1e-2): max |diff| 2.2e-8 alone, 4.1e-8 on the 2x2x2 mesh.
+def _close(a, b, rtol=1e-5, atol=1e-7):
     jax.tree.map(
         lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol), a, b
     )
@@ -71,7 +72,7 @@ def test_pallas_model_matches_xla(capacity_factor):
     (ref_loss, _), ref_grads = _loss_and_grads(cfg, params, batch)
     pallas = dataclasses.replace(cfg, kernel_impl="pallas")
     (loss, _), grads = _loss_and_grads(pallas, params, batch)
-    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)  # measured 0 / 8.5e-8
     _close(grads, ref_grads)
 
 
@@ -88,7 +89,7 @@ def test_pallas_model_on_a_mesh_matches_one_device():
     (ref_loss, _), ref_grads = _loss_and_grads(dataclasses.replace(cfg, kernel_impl="xla"), params, batch)
     mesh = sharding.make_mesh({"data": 2, "expert": 2, "model": 2, "context": 1}, devices=jax.devices()[:8])
     (loss, _), grads = _loss_and_grads(cfg, params, batch, mesh)
-    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)  # measured 0 / 8.5e-8
     _close(grads, ref_grads)
 
 

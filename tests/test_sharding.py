@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import assert_close
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -27,10 +28,10 @@ def _mesh(data, expert, model):
     )
 
 
-def _allclose(a, b, rtol=2e-4, atol=2e-5):
-    jax.tree.map(
-        lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol), a, b
-    )
+def _allclose(a, b, tol=5e-5):
+    """Every leaf within `tol` of its max |ref|: measured <= 6.5e-6 for the gradients over the 4
+    meshes, <= 6e-7 for the MoE layer's outputs, aux and gradients (reductions in another order)."""
+    jax.tree.map(lambda x, y: assert_close(x, y, tol), a, b)
 
 
 # ------------------------------------------------------------------------------------ mesh config
@@ -150,7 +151,7 @@ def _sharded_loss_and_grads(model_setup, sizes):
 def test_loss_and_grads_match_single_device(model_setup, sizes):
     ref_loss, ref_grads = model_setup[-1]
     mesh, loss, grads = _sharded_loss_and_grads(model_setup, sizes)
-    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)  # measured <= 1.7e-7
     _allclose(grads, ref_grads)
     wi = grads["period"][1]["layer"]["wi_gate"]
     assert wi.sharding.is_equivalent_to(NamedSharding(mesh, P(None, "expert", "data", "model")), wi.ndim)
