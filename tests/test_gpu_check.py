@@ -32,7 +32,7 @@ import gpu_check  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
 WHEELHOUSE_SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_wheelhouse.sh")
-FIRST_PARTY = {"turbos_jax", "pallas_kernels", "configs", "benchmarks", "tpu_aot", "gpu_check"}
+FIRST_PARTY = {"turbos_jax", "pallas_kernels", "configs", "benchmarks", "tpu_aot", "gpu_check", "helpers"}
 
 
 # --------------------------------------------------------------------------------- the no-GPU run
