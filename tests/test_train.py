@@ -191,6 +191,21 @@ def test_nonfinite_skip_mode_finishes(tmp_path):
     assert rows[-1]["step"] == 6 and any(r.get("skipped_nonfinite") for r in rows)
 
 
+def test_on_log_sees_every_metrics_row(tmp_path):
+    """The notebook hook: every row metrics.jsonl gets (train and eval), in order, as written."""
+    config = tiny.get_config()
+    config.batch_size, config.seq_len, config.total_steps = 8, 32, 4
+    config.model.layout = "AFMF"
+    config.checkpoint_every_steps, config.eval_every_steps, config.log_every_steps = 100, 2, 1
+    config.eval_batches = 1
+    seen = []
+    train.train_and_evaluate(config, str(tmp_path), on_log=lambda step, row: seen.append((step, row)))
+    rows = read_jsonl(str(tmp_path / "metrics.jsonl"))
+    assert [step for step, _ in seen] == [r["step"] for r in rows] == [1, 2, 2, 3, 4, 4]
+    assert [row for _, row in seen] == rows
+    assert [("eval_loss" in row) for _, row in seen] == [False, False, True, False, False, True]
+
+
 def test_check_train_config_names_key():
     config = tiny.get_config()
     config.on_nonfinite = "ignore"

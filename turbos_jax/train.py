@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -45,8 +46,13 @@ class NonFiniteLossError(RuntimeError):
     """The loss or gradient norm became NaN/inf and config.on_nonfinite == "stop"."""
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-    """Runs (or resumes) training; returns the last logged metrics."""
+def train_and_evaluate(config, workdir: str, *, on_log: Callable[[int, dict], None] | None = None) -> dict:
+    """Runs (or resumes) training; returns the last logged metrics.
+
+    `on_log(step, row)`, if given, is called on process 0 with every row written to metrics.jsonl
+    (train rows every `log_every_steps`, {"step", "eval_loss"} rows at evaluations), after it is
+    written: a notebook can plot the loss live. An exception it raises stops the run like any other
+    (the last checkpoint stays intact)."""
     # ============================================================================ config, workdir
     model_cfg = ModelConfig.from_config(config.model)
     check_train_config(config)
@@ -135,6 +141,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
     peak = metrics.peak_flops_per_device(jax.devices()[0])
     last, pending, window_start, window_steps = {}, None, time.perf_counter(), 0
 
+    def write(step, row):
+        writer.write(step, row)
+        if on_log is not None and jax.process_index() == 0:
+            on_log(step, dict(row))
+
     def log(step, device_metrics):
         nonlocal window_start, window_steps, last
         host = jax.device_get(device_metrics)
@@ -155,7 +166,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         ).metrics()
         rates["step_time_s"] = elapsed / max(window_steps, 1)
         last = {"step": step, **{k: np.asarray(v).tolist() for k, v in host.items()}, **rates}
-        writer.write(step, last)
+        write(step, last)
         progress.update(step, last)
         window_start, window_steps = time.perf_counter(), 0
 
@@ -177,7 +188,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     log(*pending)
                     pending = None
                     last["eval_loss"] = evaluate(state["params"])
-                    writer.write(step, {"step": step, "eval_loss": last["eval_loss"]})
+                    write(step, {"step": step, "eval_loss": last["eval_loss"]})
                     window_start, window_steps = time.perf_counter(), 0
                 stop_requested = stop_now(step)
                 if step % config.checkpoint_every_steps == 0 or stop_requested:
