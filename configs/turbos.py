@@ -108,7 +108,8 @@ def get_config() -> ml_collections.ConfigDict:
     m.remat_policy = "full"  # none | full | dots | dots_no_batch | save_mixer_outputs
     m.scan_layers = True  # lax.scan over the repeated period (False: unrolled loop, same params)
     # Hot-path ops: "xla" (pure-JAX reference ops), "pallas" (Pallas kernels: Mosaic on TPU, Triton
-    # on GPU, interpret mode on CPU -- tests only), "auto" (pallas on TPU/GPU, xla on CPU).
+    # on GPU, interpret mode on CPU -- tests only), "auto" (pallas on TPU and on GPUs of compute
+    # capability >= 8.0; xla on older GPUs, with a warning, and on CPU).
     m.kernel_impl = "auto"
     # --- generation caches (turbos_jax/generation, docs/generation.md)
     m.kv_cache_dtype = "bfloat16"  # attention K/V cache entries (B, max_len, K, Dh) per A layer

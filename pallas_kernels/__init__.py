@@ -7,14 +7,20 @@ Every op takes `impl=`:
     interpret mode elsewhere (CPU), which is how the kernels are tested without accelerators.
 
 `resolve_impl("auto")` is what a config's `kernel_impl = "auto"` means: "pallas" when the default
-backend is a TPU or GPU, "xla" otherwise (interpret mode is for tests, far too slow to train with).
+backend is a TPU or an NVIDIA GPU of compute capability 8.0 or later (Ampere on: the Triton kernels'
+bf16 dots need it), "xla" otherwise, with a one-line warning on an older GPU such as Colab's T4
+(interpret mode on CPU is for tests, far too slow to train with).
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import jax
 
 IMPLS = ("xla", "pallas")
+MIN_GPU_COMPUTE_CAPABILITY = (8, 0)
 
 
 def resolve_impl(impl: str, platform: str | None = None) -> str:
@@ -22,10 +28,33 @@ def resolve_impl(impl: str, platform: str | None = None) -> str:
     the default backend ("tpu", "gpu", "cpu")."""
     if impl == "auto":
         platform = platform or jax.default_backend()
-        return "pallas" if platform in ("tpu", "gpu", "cuda") else "xla"
+        if platform in ("gpu", "cuda"):
+            return "pallas" if _gpu_runs_pallas() else "xla"
+        return "pallas" if platform == "tpu" else "xla"
     if impl not in IMPLS:
         raise ValueError(f"kernel impl {impl!r} is not available; choose from {IMPLS + ('auto',)}")
     return impl
+
+
+@functools.cache
+def _gpu_runs_pallas() -> bool:
+    """Whether the first GPU can run the Triton kernels; warns once when it cannot. A device that
+    does not report a compute capability (not a GPU, or an unknown kind) is given the kernels."""
+    device = jax.devices()[0]
+    capability = getattr(device, "compute_capability", None) if device.platform == "gpu" else None
+    try:
+        major, minor = (int(part) for part in str(capability).split(".")[:2])
+    except ValueError:
+        return True
+    if (major, minor) >= MIN_GPU_COMPUTE_CAPABILITY:
+        return True
+    warnings.warn(
+        f"kernel_impl='auto': {device.device_kind} has compute capability {major}.{minor}; the Pallas "
+        f"GPU kernels need {'.'.join(map(str, MIN_GPU_COMPUTE_CAPABILITY))} or later, so the XLA "
+        "reference ops run instead",
+        stacklevel=3,
+    )
+    return False
 
 
 def check_impl(impl: str, op: str) -> None:
