@@ -212,7 +212,7 @@ def generate(
       split: "train", "eval" or "rl"; only problems that `split_of` assigns to it are kept.
       seed: with the split name, seeds the random stream.
       levels: `num` is shared evenly among them (the first levels get the remainder); the result is
-        shuffled.
+        shuffled. So a set of another size is a different set, not a prefix of this one.
       operations: the operation mix, a weight per operation (`{"add": 2, "sub": 1}`) or a list of
         operations with equal weights; None means all. Each problem's operation is drawn among those
         of its level with positive weight; a level left with none is an error.
@@ -334,9 +334,7 @@ def define_flags() -> None:
         "seed": flags.DEFINE_integer("seed", 0, "Random seed."),
         "levels": flags.DEFINE_string("levels", "1,2,3", f"Comma-separated levels from {sorted(LEVELS)}."),
         "operations": flags.DEFINE_string("operations", "add,sub,mul", "Comma-separated operations."),
-        "response": flags.DEFINE_enum(
-            "response", "solution", ["solution", "answer"], "SFT response: worked solution or bare answer."
-        ),
+        "response": flags.DEFINE_string("response", "solution", "SFT response: 'solution' or 'answer'."),
         "metadata": flags.DEFINE_bool("metadata", False, "Add id, difficulty, operation to every line."),
     }
 
@@ -367,6 +365,8 @@ def main(argv):
     for name in ("num_train", "num_eval", "num_rl"):
         if f[name] < 0:
             raise UserError(f"--{name}={f[name]}: must be >= 0")
+    if f["response"] not in ("solution", "answer"):
+        raise UserError(f"--response={f['response']!r}: expected 'solution' (worked) or 'answer' (bare)")
     levels = _parse_list("levels", f["levels"], int, LEVELS)
     operations = _parse_list("operations", f["operations"], str, OPERATIONS)
     for level in levels:
