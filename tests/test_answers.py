@@ -97,6 +97,7 @@ def test_table_size():
         ("\\boxed{12} #### 13", "12"),
         ("#### 13 then The answer is 14", "13 then The answer is 14"),
         ("The answer is 42.", "42"),
+        ("The answer is: $5$", "$5$"),
         ("so the final ANSWER: **7**", "7"),
         ("answer is 3\nanswer is 4", "4"),
         ("I think 12 then 15", "15"),

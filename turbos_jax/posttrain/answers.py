@@ -93,7 +93,7 @@ _MAX_EXPONENT = 1000
 # --------------------------------------------------------------------------------- extraction
 _BRACE_TOKEN = re.compile(r"\\(?:boxed|fbox)\s*\{|\\[{}]|[{}]")
 _BOXED_BARE = re.compile(r"\\boxed\s+([^\s$]+)")
-_ANSWER_IS = re.compile(r"answer\s*(?:is\b|:)", re.IGNORECASE)
+_ANSWER_IS = re.compile(r"answer\s*(?:is\b\s*:?|:)", re.IGNORECASE)
 _NUMBER_IN_TEXT = re.compile(r"[-+−]?(?:\d+(?:,\d{3})*(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+)?(?:/\d+)?")
 
 
