@@ -182,6 +182,7 @@ def test_cli_writes_three_files(tmp_path):
     [
         (["--levels=1,9"], "--levels"),
         (["--levels=two"], "--levels"),
+        (["--levels=1,1"], "--levels"),
         (["--operations=add,pow"], "--operations"),
         (["--levels=3", "--operations=add"], "--operations"),
         (["--num_eval=-1"], "--num_eval"),

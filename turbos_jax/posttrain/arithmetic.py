@@ -185,8 +185,8 @@ def _operation_weights(level: int, operations: Mapping[str, float]) -> tuple[lis
 def _check_args(split: str, levels: Sequence[int], operations: Mapping[str, float]) -> None:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
-    if not levels:
-        raise ValueError("no levels given")
+    if not levels or len(set(levels)) != len(levels):
+        raise ValueError(f"levels must be distinct and not empty, got {list(levels)}")
     for level in levels:
         if level not in LEVELS:
             raise ValueError(f"unknown level {level!r}; levels are {sorted(LEVELS)}")
@@ -368,6 +368,8 @@ def main(argv):
     if f["response"] not in ("solution", "answer"):
         raise UserError(f"--response={f['response']!r}: expected 'solution' (worked) or 'answer' (bare)")
     levels = _parse_list("levels", f["levels"], int, LEVELS)
+    if len(set(levels)) != len(levels):
+        raise UserError(f"--levels={f['levels']!r}: a level is repeated")
     operations = _parse_list("operations", f["operations"], str, OPERATIONS)
     for level in levels:
         try:
