@@ -191,6 +191,7 @@ def test_cli_writes_three_files(tmp_path):
     ids=[
         "unknown-level",
         "not-a-number",
+        "repeated-level",
         "unknown-operation",
         "level-without-operation",
         "negative-count",
