@@ -253,12 +253,7 @@ def compile_train_step(config):
 
     model_cfg = ModelConfig.from_config(config.model)
     check_train_config(config)
-    mesh = sharding.make_mesh(
-        config.mesh,
-        model_cfg=model_cfg,
-        batch_size=config.batch_size,
-        grad_accum_steps=config.grad_accum_steps,
-    )
+    mesh = sharding.train_mesh(config, model_cfg)
     program = build_train_program(config, model_cfg, mesh)
     batch = synthetic_batch(config, model_cfg.vocab_size, program.batch_sharding)
     with jax.set_mesh(mesh):

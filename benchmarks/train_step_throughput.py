@@ -209,9 +209,7 @@ def run_jax(config, batch: int, seq: int, variant: str) -> dict:
 
     config = bench_config(config, batch, seq)
     cfg = ModelConfig.from_config(config.model)
-    mesh = sharding.make_mesh(
-        config.mesh, model_cfg=cfg, batch_size=config.batch_size, grad_accum_steps=config.grad_accum_steps
-    )
+    mesh = sharding.train_mesh(config, cfg)
     program = build_train_program(config, cfg, mesh)  # the trainer's step, shardings and donation
     data = synthetic_batch(config, cfg.vocab_size, program.batch_sharding, seed=_SEED.value)
     with jax.set_mesh(mesh):

@@ -90,13 +90,7 @@ def analyse(config, topology: str) -> dict:
         model_cfg = dataclasses.replace(model_cfg, kernel_impl="pallas")
     check_train_config(config)
     devices = topology_devices(topology)
-    mesh = sharding.make_mesh(
-        config.mesh,
-        devices,
-        model_cfg=model_cfg,
-        batch_size=config.batch_size,
-        grad_accum_steps=config.grad_accum_steps,
-    )
+    mesh = sharding.train_mesh(config, model_cfg, devices)
     program = build_train_program(config, model_cfg, mesh)  # the trainer's own step
     batch = abstract_batch(config, program.batch_sharding)
     with jax.set_mesh(mesh):

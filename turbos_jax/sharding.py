@@ -321,3 +321,17 @@ def make_mesh(
         axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
         devices=devices,
     )
+
+
+def train_mesh(config, model_cfg, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+    """The mesh a train config asks for: `make_mesh(config.mesh)` checked against the model,
+    `config.batch_size` and `config.grad_accum_steps` (the trainer, `aot` and the benchmarks)."""
+    if "mesh" not in config:
+        raise ConfigError("config.mesh: required key is missing (see configs/turbos.py)")
+    return make_mesh(
+        config.mesh,
+        devices,
+        model_cfg=model_cfg,
+        batch_size=config.batch_size,
+        grad_accum_steps=config.grad_accum_steps,
+    )

@@ -24,7 +24,7 @@ from ml_collections import config_flags
 from turbos_jax import accounting, cli, compile_cache, distributed, metrics, sharding
 from turbos_jax import workdir as run_dir
 from turbos_jax.checkpointing import Checkpointer
-from turbos_jax.config import ConfigError, ModelConfig, check_train_config
+from turbos_jax.config import ModelConfig, check_train_config
 from turbos_jax.data import DataError, make_eval_iterator, make_train_iterator
 from turbos_jax.step import BATCH_KEYS, build_train_program, loss_fn  # noqa: F401 (loss_fn re-exported)
 
@@ -61,14 +61,7 @@ def train_and_evaluate(config, workdir: str, *, on_log: Callable[[int, dict], No
     logging.info("compilation cache: %s", cache_dir or "off")
 
     # ============================================================================ mesh
-    if "mesh" not in config:
-        raise ConfigError("config.mesh: required key is missing (see configs/turbos.py)")
-    mesh = sharding.make_mesh(
-        config.mesh,
-        model_cfg=model_cfg,
-        batch_size=config.batch_size,
-        grad_accum_steps=config.grad_accum_steps,
-    )
+    mesh = sharding.train_mesh(config, model_cfg)
 
     # ==================================================================== model, optimizer, steps
     program = build_train_program(config, model_cfg, mesh)
