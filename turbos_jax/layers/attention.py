@@ -8,8 +8,10 @@ Algorithm:
   2. QK-norm: RMSNorm over Dh of every q and k head (one scale vector shared by all heads).
   3. RoPE on q and k at each token's position within its own document (positions restart per packed
      segment), with base theta * alpha ** (Dh / (Dh - 2)) -- NTK-aware scaling, alpha = 1 at 4K.
-  4. scores (B, K, G, L, S) = q k^T / sqrt(Dh) in fp32; a key is visible iff it is not in the future
-     and belongs to the same segment as the query; softmax; out = probs v.
+  4. out = softmax(q k^T / sqrt(Dh)) v with fp32 logits; a key is visible iff it is not in the future
+     and belongs to the same segment as the query. Full sequences (training, prefill) run
+     `pallas_kernels.attention` (blockwise, no L x S scores; `kernel_impl` picks the reference or the
+     platform kernel); a decode step's single query attends densely over the KV cache (`attend`).
   5. y = out Wo (B, L, D).
 """
 
@@ -19,6 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels import attention as attention_ops
+from pallas_kernels import resolve_impl
 from turbos_jax import sharding
 from turbos_jax.config import ModelConfig
 from turbos_jax.layers.norms import RMSNorm
@@ -39,21 +43,9 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return out.astype(x.dtype)
 
 
-def attention_mask(
-    q_segments: jax.Array, q_positions: jax.Array, k_segments: jax.Array, k_positions: jax.Array
-) -> jax.Array:
-    """(B, L, S) bool: key visible iff same segment and not after the query (by sequence index).
-
-    Positions here are sequence indices (0..L-1), not the per-segment RoPE positions.
-    """
-    same = q_segments[:, :, None] == k_segments[:, None, :]
-    causal = q_positions[:, :, None] >= k_positions[:, None, :]
-    return same & causal
-
-
 @jax.custom_vjp
 def masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
-    """softmax over the last axis of fp32 scores with masked (False) entries excluded.
+    """softmax over the last axis of fp32 scores with masked (False) entries excluded (decode).
 
     The backward is written out, probs * (g - sum(g * probs)), from the saved probs alone: autodiff
     through where + jax.nn.softmax keeps more residuals and adds passes over the (B, K, G, L, S)
@@ -107,37 +99,53 @@ class Attention(nnx.Module):
         return q, k, v
 
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-        """Steps 4-5: q (B, L, H, Dh), k/v (B, S, K, Dh), mask (B, L, S) -> (B, L, D)."""
-        cfg, dt = self.cfg, self.cfg.dtype
+        """Step 4 densely (decode: L = 1 query over the cache): q (B, L, H, Dh), k/v (B, S, K, Dh),
+        mask (B, L, S) -> out (B, L, H, Dh)."""
         b, l, h, dh = q.shape
-        kv = cfg.num_kv_heads
+        kv = self.cfg.num_kv_heads
         q = q.reshape(b, l, kv, h // kv, dh)
         scores = jnp.einsum("blkgd,bskd->bkgls", q, k, preferred_element_type=jnp.float32)
         scores = scores * (dh**-0.5)
-        probs = masked_softmax(scores, mask[:, None, None]).astype(dt)
-        out = jnp.einsum("bkgls,bskd->blkgd", probs, v).reshape(b, l, h, dh)
-        y = jnp.einsum("blhk,hkd->bld", out, self.o_proj[...].astype(dt))
+        probs = masked_softmax(scores, mask[:, None, None]).astype(self.cfg.dtype)
+        return jnp.einsum("bkgls,bskd->blkgd", probs, v).reshape(b, l, h, dh)
+
+    def attend_sequence(self, q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) -> jax.Array:
+        """Step 4 over a full sequence without L x L memory: q (B, L, H, Dh), k/v (B, L, K, Dh),
+        segment_ids (B, L) -> out (B, L, H, Dh). With kernels on, each device runs the kernel on
+        its batch rows and heads (GSPMD cannot split a Pallas call; the sequence is not sharded)."""
+        impl = resolve_impl(self.cfg.kernel_impl)
+        fn = lambda q, k, v, seg: attention_ops.attention(q, k, v, seg, impl=impl)
+        if impl == "pallas":
+            q_names, kv_names = ("batch", "seq", "heads", None), ("batch", "seq", "kv_heads", None)
+            fn = sharding.manual_over_mesh(fn, (q_names, kv_names, kv_names, ("batch", "seq")), q_names)
+        return fn(q, k, v, segment_ids)
+
+    def output(self, out: jax.Array) -> jax.Array:
+        """Step 5: out (B, L, H, Dh) -> y (B, L, D)."""
+        dt = self.cfg.dtype
+        y = jnp.einsum("blhk,hkd->bld", out.astype(dt), self.o_proj[...].astype(dt))
         return sharding.constrain(y, ("batch", "seq", None))
 
     def __call__(self, x: jax.Array, segment_ids: jax.Array, rope_positions: jax.Array) -> jax.Array:
         """x (B, L, D); segment_ids, rope_positions (B, L) int32 -> (B, L, D)."""
         q, k, v = self.project_qkv(x, rope_positions)
-        idx = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), segment_ids.shape)
-        return self.attend(q, k, v, attention_mask(segment_ids, idx, segment_ids, idx))
+        return self.output(self.attend_sequence(q, k, v, segment_ids))
 
     # ------------------------------------------------------------------ generation (KV cache)
     def prefill(self, x: jax.Array, lengths: jax.Array, max_len: int):
         """Right-padded prompts x (B, L, D) with real lengths (B,) -> (y (B, L, D), cache).
 
-        Queries see the causal prefix of their own prompt's real tokens (padding keys are masked);
+        Queries see the causal prefix of their own prompt's real tokens: real tokens are segment 1,
+        padding segment 0, so padding keys are hidden from real queries (padding queries attend among
+        padding; their outputs are never used: MoE marks them invalid, Mamba2 skips them, decode
+        overwrites their cache entries before they become visible, logits are read at real tokens);
         cache = {"k", "v": (B, max_len, K, Dh) in cfg.kv_cache_dtype}, entries past L are zero and
         padding entries are overwritten by decode steps (position = each sequence's length).
         """
         b, l, _ = x.shape
         idx = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
         q, k, v = self.project_qkv(x, idx)
-        mask = (idx[:, :, None] >= idx[:, None, :]) & (idx < lengths[:, None])[:, None, :]
-        y = self.attend(q, k, v, mask)
+        y = self.output(self.attend_sequence(q, k, v, (idx < lengths[:, None]).astype(jnp.int32)))
         pad = [(0, 0), (0, max_len - l), (0, 0), (0, 0)]
         dt = self.cfg.kv_cache_dtype
         return y, {"k": jnp.pad(k.astype(dt), pad), "v": jnp.pad(v.astype(dt), pad)}
@@ -152,4 +160,5 @@ class Attention(nnx.Module):
         vc = cache["v"].at[rows, positions].set(v[:, 0].astype(cache["v"].dtype))
         mask = (jnp.arange(kc.shape[1], dtype=jnp.int32)[None, :] <= positions[:, None])[:, None]
         dt = self.cfg.dtype
-        return self.attend(q, kc.astype(dt), vc.astype(dt), mask), {"k": kc, "v": vc}
+        y = self.output(self.attend(q, kc.astype(dt), vc.astype(dt), mask))
+        return y, {"k": kc, "v": vc}
