@@ -214,7 +214,7 @@ def test_cli_rerun_with_a_changed_model_stops_and_keeps_everything(tmp_path):
     assert changed.returncode == 1, changed.stderr[-3000:]
     last = changed.stderr.strip().splitlines()[-1]
     assert last.startswith("error: checkpoint step 3 in "), changed.stderr[-3000:]
-    assert "(256, 64) float32 in the checkpoint, (256, 32) float32 here" in last
+    assert "params/embed/embedding is (256, 64) float32 in the checkpoint, (256, 32) float32 here" in last
     assert "likely config.model.d_model: 64 in the checkpoint's config.json, 32 here" in last
     assert "Traceback" not in changed.stderr
     assert _tree_digest(work) == before  # checkpoints, config.json and metrics untouched

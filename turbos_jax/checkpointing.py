@@ -126,16 +126,20 @@ class Checkpointer:
     def _read(self, step: int, abstract_state, data_iterator):
         """Step 2 of the module docstring -> (agreed verdict, detail, state or None)."""
         state = None
+        state_handler, data_handler = ocp.StandardCheckpointHandler(), grain.checkpoint.CheckpointHandler()
         try:
-            state = ocp.StandardCheckpointHandler().restore(
+            state = state_handler.restore(
                 self._step_dir(step) / "state", args=ocp.args.StandardRestore(abstract_state)
             )
-            grain.checkpoint.CheckpointHandler().restore(
+            data_handler.restore(
                 self._step_dir(step) / "data", args=grain.checkpoint.CheckpointRestore(data_iterator)
             )
             verdict, detail = _OK, ""
         except Exception as e:  # noqa: BLE001 - any read failure of a compatible step is damage
             verdict, detail = _DAMAGED, _first_line(e)
+        finally:  # their executors and event loops, also after a failed read
+            state_handler.close()
+            data_handler.close()
         verdict, detail = _agreed(verdict, detail)
         return verdict, detail, state if verdict == _OK else None
 
@@ -209,13 +213,18 @@ def _describe(leaf) -> str:
 
 def _compare(state_dir: epath.Path, abstract_state, explain) -> tuple[int, str]:
     """Step 1 of the module docstring -> (verdict, detail) for this process."""
+    handler = ocp.StandardCheckpointHandler()
     try:
-        metadata = ocp.StandardCheckpointHandler().metadata(state_dir)
+        metadata = handler.metadata(state_dir)
         saved = {leaf_path(p): _describe(v) for p, v in jax.tree_util.tree_leaves_with_path(metadata)}
     except Exception as e:  # noqa: BLE001 - unreadable metadata is damage, not a mismatch
         return _DAMAGED, _first_line(e)
+    finally:
+        handler.close()
     wanted = {leaf_path(p): _describe(v) for p, v in jax.tree_util.tree_leaves_with_path(abstract_state)}
-    for path, want in wanted.items():
+    # Parameters first: the optimizer's moments mirror them, and a parameter path is what a user
+    # recognises (params/embed/embedding rather than opt_state/1/0/mu/embed/embedding).
+    for path, want in sorted(wanted.items(), key=lambda item: not item[0].startswith("params/")):
         have = saved.get(path)
         if have == want:
             continue
