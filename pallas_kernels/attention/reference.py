@@ -45,8 +45,9 @@ class BlockSizes:
     block_k: int = 512
 
     def __post_init__(self):
-        if self.block_q <= 0 or self.block_k <= 0:
-            raise ValueError(f"block sizes must be positive, got {self}")
+        small, big = sorted((self.block_q, self.block_k))
+        if small <= 0 or big % small:
+            raise ValueError(f"block sizes must be positive and one a multiple of the other, got {self}")
 
 
 DEFAULT_BLOCK_SIZES = BlockSizes()
@@ -92,16 +93,13 @@ def _round_up(n: int, m: int) -> int:
 
 
 def block_lengths(length: int, block_sizes: BlockSizes) -> tuple[int, int, int]:
-    """(block_q, block_k, padded length) for a sequence of `length` tokens."""
+    """(block_q, block_k, padded length) for a sequence of `length` tokens: blocks longer than the
+    sequence shrink to it (rounded up to 8); if that breaks divisibility, both use the longer one."""
     short = _round_up(length, 8)
     bq, bk = min(block_sizes.block_q, short), min(block_sizes.block_k, short)
-    return bq, bk, _round_up(length, bq * bk // _gcd(bq, bk))
-
-
-def _gcd(a: int, b: int) -> int:
-    while b:
-        a, b = b, a % b
-    return a
+    if max(bq, bk) % min(bq, bk):
+        bq = bk = max(bq, bk)
+    return bq, bk, _round_up(length, max(bq, bk))
 
 
 def attention(q, k, v, segment_ids, block_sizes: BlockSizes = DEFAULT_BLOCK_SIZES):
