@@ -69,3 +69,40 @@ def assert_close(actual, expected, tol: float, name: str = "") -> float:
     scale = float(np.max(np.abs(np.asarray(expected, np.float64))))
     assert err <= tol, f"{name}: max error {err:.2e} relative to max |ref| {scale:.2e} > {tol:.1e}"
     return err
+
+
+def wait_for_checkpoint(workdir: str, step: int, proc, timeout: float = 300) -> None:
+    """Waits until `workdir`'s checkpoint `step` is complete (Orbax renames its finished temporary
+    directory to exactly checkpoints/<step>); fails if `proc` exits or `timeout` seconds pass."""
+    import time
+
+    path = os.path.join(workdir, "checkpoints", str(step))
+    end = time.time() + timeout
+    while not os.path.isdir(path):
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.time() < end, f"no checkpoint {step} appeared in {timeout} s"
+        time.sleep(0.02)
+
+
+def logged_losses(workdir: str) -> dict[int, float]:
+    """{step: loss} from a run's metrics.jsonl."""
+    from turbos_jax.metrics import read_jsonl
+
+    return {r["step"]: r["loss"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss" in r}
+
+
+def gpu_available() -> bool:
+    """Whether JAX sees a GPU (tests/conftest.py keeps JAX on the CPU unless JAX_PLATFORMS is set:
+    run GPU classes with JAX_PLATFORMS=cuda,cpu, as benchmarks/gpu_check.sh does)."""
+    import jax
+
+    try:
+        return bool(jax.devices("gpu"))
+    except RuntimeError:
+        return False
+
+
+GPU_SKIP_REASON = (
+    "no CUDA GPU visible to JAX (tests/conftest.py sets JAX_PLATFORMS=cpu unless it is set: run with "
+    "JAX_PLATFORMS=cuda,cpu on a GPU)"
+)

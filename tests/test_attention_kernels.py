@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import assert_close
+from helpers import GPU_SKIP_REASON, assert_close, gpu_available
 
 import pallas_kernels.attention as attention_pkg
 from pallas_kernels.attention import kernel, reference
@@ -277,18 +277,7 @@ def test_lowers_for_cuda():
     assert "mha_forward" in text
 
 
-def _has_gpu():
-    try:
-        return bool(jax.devices("gpu"))
-    except RuntimeError:
-        return False
-
-
-@pytest.mark.skipif(
-    not _has_gpu(),
-    reason="no CUDA GPU visible to JAX (tests/conftest.py sets "
-    "JAX_PLATFORMS=cpu unless it is set: run with JAX_PLATFORMS=cuda,cpu on a GPU)",
-)
+@pytest.mark.skipif(not gpu_available(), reason=GPU_SKIP_REASON)
 class TestOnGpu:
     """The op with impl="pallas" on a GPU (the Triton kernel compiled) against the dense attention."""
 

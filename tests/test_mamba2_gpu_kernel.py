@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import GPU_SKIP_REASON, gpu_available
 from jax.experimental import pallas as pl
 
 from pallas_kernels.mamba2 import kernel_gpu, reference
@@ -229,18 +230,7 @@ def test_lowers_for_cuda_at_turbos_shape(with_seq):
 # --- Real GPU ------------------------------------------------------------------------------------
 
 
-def _has_gpu():
-    try:
-        return bool(jax.devices("gpu"))
-    except RuntimeError:
-        return False
-
-
-@pytest.mark.skipif(
-    not _has_gpu(),
-    reason="no CUDA GPU visible to JAX (tests/conftest.py sets "
-    "JAX_PLATFORMS=cpu unless it is set: run with JAX_PLATFORMS=cuda,cpu on a GPU)",
-)
+@pytest.mark.skipif(not gpu_available(), reason=GPU_SKIP_REASON)
 class TestOnGpu:
     """The interpret-mode cases compiled with Triton, plus a full TurboS-per-device shape."""
 

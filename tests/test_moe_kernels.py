@@ -14,6 +14,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from helpers import GPU_SKIP_REASON, gpu_available
 
 from pallas_kernels import moe as ops  # noqa: E402
 from pallas_kernels.moe import kernel, kernel_gpu, kernel_tpu  # noqa: E402
@@ -237,14 +238,7 @@ def test_cuda_lowering_emits_triton(op):
         assert "tpu_custom_call" not in text
 
 
-def _has_gpu():
-    try:
-        return bool(jax.devices("gpu"))
-    except RuntimeError:
-        return False
-
-
-@pytest.mark.skipif(not _has_gpu(), reason="no GPU visible to JAX (set JAX_PLATFORMS=cuda on a GPU host)")
+@pytest.mark.skipif(not gpu_available(), reason=GPU_SKIP_REASON)
 class TestOnGpu:
     """Compiled Triton kernels and XLA's ragged_dot on a real GPU, against the reference."""
 

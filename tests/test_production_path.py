@@ -10,13 +10,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from helpers import ROOT, subprocess_env
+from helpers import ROOT, logged_losses, subprocess_env, wait_for_checkpoint
 
 from configs import turbos, turbos_mini
 from turbos_jax.config import ModelConfig
@@ -95,19 +94,6 @@ def _run(cmd, env):
     return out.stdout
 
 
-def _wait_for_checkpoint(workdir, step, proc, timeout=400):
-    path = os.path.join(workdir, "checkpoints", str(step))
-    end = time.time() + timeout
-    while not os.path.isdir(path):  # orbax renames the finished tmp dir to exactly this name
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
-        assert time.time() < end, "no checkpoint appeared"
-        time.sleep(0.02)
-
-
-def _losses(workdir):
-    return {r["step"]: r["loss"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss" in r}
-
-
 def _params(workdir, step):
     state = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
     return jax.tree.leaves(state["params"])
@@ -130,7 +116,7 @@ def runs(tmp_path_factory):
         stderr=subprocess.PIPE,
         text=True,
     )
-    _wait_for_checkpoint(broken, 10, proc)
+    wait_for_checkpoint(broken, 10, proc, timeout=400)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     resumed = _run(_train_cmd(broken), env)
@@ -139,7 +125,7 @@ def runs(tmp_path_factory):
 
 def test_mini_loss_falls(runs):
     rows = read_jsonl(os.path.join(runs["straight"], "metrics.jsonl"))
-    losses = _losses(runs["straight"])
+    losses = logged_losses(runs["straight"])
     assert sorted(losses) == [5, 10, 15, 20]
     # Measured: 5.12 at step 5 (ln 256 = 5.55 at step 1), 3.67 at step 20; eval 4.12, then 3.72.
     assert losses[5] > 4.5 and losses[20] < losses[5] - 1.0, losses
@@ -154,7 +140,7 @@ def test_mini_resume_after_sigkill_is_bitwise_identical(runs):
     assert len(a) == len(b) > 0
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x, y)
-    assert _losses(runs["straight"]) == _losses(runs["broken"])
+    assert logged_losses(runs["straight"]) == logged_losses(runs["broken"])
 
 
 def test_mini_generate_cli_from_trained_checkpoint(runs):

@@ -6,12 +6,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from helpers import ROOT, subprocess_env
+from helpers import ROOT, logged_losses, subprocess_env, wait_for_checkpoint
 
 from configs import tiny
 from turbos_jax import train
@@ -64,24 +63,11 @@ def _start(workdir, *extra):
     )
 
 
-def _wait_for_checkpoint(workdir, step, proc, timeout=300):
-    path = os.path.join(workdir, "checkpoints", str(step))
-    end = time.time() + timeout
-    while not os.path.isdir(path):  # orbax renames the finished tmp dir to exactly this name
-        assert proc.poll() is None, proc.stderr.read()[-3000:]
-        assert time.time() < end, "no checkpoint appeared"
-        time.sleep(0.02)
-
-
 def _params(workdir, step):
     state = ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
     import jax
 
     return jax.tree.leaves(state["params"])
-
-
-def _losses(workdir):
-    return {r["step"]: r["loss"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss" in r}
 
 
 @pytest.fixture(scope="module")
@@ -93,12 +79,12 @@ def runs(tmp_path_factory):
     _run(straight, "--config.total_steps=20")
 
     proc = _start(broken, "--config.total_steps=1000")
-    _wait_for_checkpoint(broken, 10, proc)
+    wait_for_checkpoint(broken, 10, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 
     proc = _start(broken, "--config.total_steps=1000")
-    _wait_for_checkpoint(broken, 20, proc)
+    wait_for_checkpoint(broken, 20, proc)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=300)
     return {"straight": straight, "broken": broken, "term_rc": proc.returncode, "term_out": stdout + stderr}
@@ -110,7 +96,7 @@ def test_resume_after_sigkill_is_bitwise_identical(runs):
     assert len(a) == len(b) > 0
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x, y)
-    la, lb = _losses(runs["straight"]), _losses(runs["broken"])
+    la, lb = logged_losses(runs["straight"]), logged_losses(runs["broken"])
     assert [la[s] for s in range(1, 21)] == [lb[s] for s in range(1, 21)]
 
 
