@@ -94,21 +94,20 @@ def test_not_applied_for_an_accelerator_backend(platforms, expected):
     "tpu,gpu_file,expected", [(False, False, "cpu"), (True, False, "tpu"), (False, True, "gpu")]
 )
 def test_expected_platform_without_jax_platforms(tpu, gpu_file, expected):
-    """No JAX_PLATFORMS: the accelerator device files decide (faked here), no backend is started."""
+    """No JAX_PLATFORMS: the accelerator device files decide (all of them faked here, so the answer
+    is the same on any host), no backend is started."""
     code = (
         "import os\n"
         "from turbos_jax import cli, distributed\n"
         f"distributed.tpu_present = lambda: {tpu}\n"
         "exists = os.path.exists\n"
-        f"os.path.exists = lambda p: {gpu_file} if p == '/dev/nvidia0' else exists(p)\n"
+        f"os.path.exists = lambda p: {gpu_file} if p in cli._GPU_DEVICE_FILES else exists(p)\n"
         "print(cli.expected_platform())\n"
         "from jax._src import xla_bridge\n"
         "print(xla_bridge.backends_are_initialized())\n"
     )
     proc = _run(code, None, platforms=None)
     assert proc.returncode == 0, proc.stderr
-    if not tpu and not gpu_file and proc.stdout.split() != ["cpu", "False"]:
-        pytest.skip(f"this host has an accelerator: {proc.stdout.split()[0]}")
     assert proc.stdout.split() == [expected, "False"]
 
 
