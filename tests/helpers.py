@@ -106,3 +106,20 @@ GPU_SKIP_REASON = (
     "no CUDA GPU visible to JAX (tests/conftest.py sets JAX_PLATFORMS=cpu unless it is set: run with "
     "JAX_PLATFORMS=cuda,cpu on a GPU)"
 )
+
+
+def training_batch(tokens, segment_ids) -> dict:
+    """The trainer's batch dict from tokens (B, L + 1) and segment_ids (B, L) (0 = padding): inputs,
+    targets, the per-document positions the data pipeline would give, and a loss mask off padding."""
+    import jax.numpy as jnp
+
+    from turbos_jax.model import segment_positions
+
+    tokens, segment_ids = np.asarray(tokens, np.int32), np.asarray(segment_ids, np.int32)
+    return {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "segment_ids": segment_ids,
+        "positions": np.asarray(segment_positions(jnp.asarray(segment_ids))),
+        "loss_mask": (segment_ids != 0).astype(np.float32),
+    }

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import GPU_SKIP_REASON, assert_close, gpu_available
+from helpers import GPU_SKIP_REASON, assert_close, gpu_available, training_batch
 
 import pallas_kernels.attention as attention_pkg
 from pallas_kernels.attention import kernel, reference
@@ -309,7 +309,7 @@ def test_tiny_model_loss_and_gradients_match_dense_attention(monkeypatch):
     from configs import tiny
     from turbos_jax.config import ModelConfig
     from turbos_jax.layers import attention as attention_layer
-    from turbos_jax.model import TurbosModel, segment_positions
+    from turbos_jax.model import TurbosModel
     from turbos_jax.step import loss_fn
 
     cfg = ModelConfig.from_config(tiny.get_config().model)
@@ -319,13 +319,7 @@ def test_tiny_model_loss_and_gradients_match_dense_attention(monkeypatch):
     seg = np.ones((b, l), np.int32)
     seg[1, 13:] = 2
     seg[2, 30:] = 0
-    batch = {
-        "inputs": tokens[:, :-1],
-        "targets": tokens[:, 1:],
-        "segment_ids": seg,
-        "positions": np.asarray(segment_positions(jnp.asarray(seg))),
-        "loss_mask": (seg != 0).astype(np.float32),
-    }
+    batch = training_batch(tokens, seg)
     model = TurbosModel(cfg, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
 

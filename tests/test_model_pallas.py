@@ -9,17 +9,17 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import training_batch
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import tiny
 from turbos_jax import sharding
 from turbos_jax.config import ModelConfig
-from turbos_jax.model import TurbosModel, segment_positions
+from turbos_jax.model import TurbosModel
 from turbos_jax.step import loss_fn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,13 +31,7 @@ def _batch(cfg, b=4, l=24):
     seg = np.ones((b, l), np.int32)
     seg[1, 9:] = 2  # two documents in row 1: the kernels' state resets
     seg[2, 20:] = 0  # padding
-    return {
-        "inputs": tokens[:, :-1],
-        "targets": tokens[:, 1:],
-        "segment_ids": seg,
-        "positions": np.asarray(segment_positions(jnp.asarray(seg))),
-        "loss_mask": (seg != 0).astype(np.float32),
-    }
+    return training_batch(tokens, seg)
 
 
 def _loss_and_grads(cfg, params, batch, mesh=None):

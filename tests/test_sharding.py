@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import assert_close
+from helpers import assert_close, training_batch
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -17,7 +17,7 @@ from configs import tiny, turbos
 from turbos_jax import optim, sharding
 from turbos_jax.config import ConfigError, ModelConfig
 from turbos_jax.layers.moe import MoEFFN
-from turbos_jax.model import TurbosModel, segment_positions
+from turbos_jax.model import TurbosModel
 from turbos_jax.train import loss_fn
 
 
@@ -122,13 +122,7 @@ def model_setup():
     seg = np.ones((8, 32), np.int32)
     seg[1, 20:] = 2  # two documents in row 1
     seg[3, 28:] = 0  # padding at the end of row 3
-    batch = {
-        "inputs": tokens[:, :-1],
-        "targets": tokens[:, 1:],
-        "segment_ids": seg,
-        "positions": np.asarray(segment_positions(jnp.asarray(seg))),
-        "loss_mask": (seg != 0).astype(np.int32),
-    }
+    batch = training_batch(tokens, seg)
     grad_fn = jax.value_and_grad(lambda p, b: loss_fn(p, graphdef, b), has_aux=True)
     (loss, (ce, aux)), grads = jax.jit(grad_fn)(params, batch)
     return cfg, graphdef, params, batch, grad_fn, (loss, grads)

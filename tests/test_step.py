@@ -8,13 +8,14 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import training_batch
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from configs import tiny
 from turbos_jax import optim, sharding
 from turbos_jax.config import ConfigError, ModelConfig, check_train_config
-from turbos_jax.model import TurbosModel, segment_positions
+from turbos_jax.model import TurbosModel
 from turbos_jax.step import _accumulated_grads, loss_fn, make_train_step
 
 
@@ -34,13 +35,7 @@ def setup():
     seg[2, 10:] = 2
     seg[5, 17:] = 0  # padding: microbatches hold different numbers of targets
     seg[6, 3:] = 0
-    batch = {
-        "inputs": tokens[:, :-1],
-        "targets": tokens[:, 1:],
-        "segment_ids": seg,
-        "positions": np.asarray(segment_positions(jnp.asarray(seg))),
-        "loss_mask": (seg != 0).astype(np.float32),
-    }
+    batch = training_batch(tokens, seg)
     grad_fn = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, graphdef, b), has_aux=True))
     return cfg, graphdef, params, batch, grad_fn(params, batch)
 
