@@ -19,9 +19,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from turbos_jax import sharding
-
-# The arrays of one training batch, each [batch, seq_len]; `loss_mask` is float32, the rest int32.
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
+from turbos_jax.data.packing import BATCH_KEYS  # the batch the data pipeline yields
 
 
 class TrainSetup(NamedTuple):

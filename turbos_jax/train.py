@@ -25,8 +25,8 @@ from turbos_jax import accounting, cli, compile_cache, distributed, metrics, sha
 from turbos_jax import workdir as run_dir
 from turbos_jax.checkpointing import Checkpointer
 from turbos_jax.config import ModelConfig, check_train_config
-from turbos_jax.data import DataError, make_eval_iterator, make_train_iterator
-from turbos_jax.step import BATCH_KEYS, build_train_program, loss_fn  # noqa: F401 (loss_fn re-exported)
+from turbos_jax.data import BATCH_KEYS, DataError, make_eval_iterator, make_train_iterator
+from turbos_jax.step import build_train_program, loss_fn  # noqa: F401 (loss_fn re-exported)
 
 _CONFIG = _WORKDIR = None  # absl flags, defined by define_flags() (not on import)
 
