@@ -85,25 +85,26 @@ def _run(vg, params, x, mesh=None):
 
 
 # ------------------------------------------------------------------------------------------ Mamba2
-def _mamba_setup(scheme):
-    layer = Mamba2(_cfg(mamba_cp_scheme=scheme), rngs=nnx.Rngs(0))
+def _mamba_setup(scheme, impl="xla"):
+    layer = Mamba2(_cfg(mamba_cp_scheme=scheme, kernel_impl=impl), rngs=nnx.Rngs(0))
     layer.A_log[...] = jnp.full_like(layer.A_log[...], np.log(0.05))
     return _layer_setup(layer)
 
 
 @pytest.mark.parametrize(
-    "sizes, scheme",
+    "sizes, scheme, impl",
     [
-        ((1, 1, 1, 2), "sequential"),
-        ((2, 1, 1, 4), "parallel"),
-        ((1, 1, 2, 4), "sequential"),
-        ((1, 1, 1, 8), "parallel"),
-        ((1, 1, 1, 8), "sequential"),
+        ((1, 1, 1, 2), "sequential", "xla"),
+        ((2, 1, 1, 4), "parallel", "xla"),
+        ((1, 1, 2, 4), "sequential", "xla"),
+        ((1, 1, 1, 8), "parallel", "xla"),
+        ((1, 1, 1, 8), "sequential", "xla"),
+        ((1, 1, 1, 2), "parallel", "pallas"),  # the kernel (interpret mode) per shard, unchanged
     ],
     ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else v,
 )
-def test_mamba2_matches_without_context_parallelism(sizes, scheme):
-    vg, params, x = _mamba_setup(scheme)
+def test_mamba2_matches_without_context_parallelism(sizes, scheme, impl):
+    vg, params, x = _mamba_setup(scheme, impl)
     (_, ref_y), ref_grads = _run(vg, params, x)
     (_, y), grads = _run(vg, params, x, _mesh(*sizes))
     assert_close(y, ref_y, TOL)
