@@ -85,25 +85,26 @@ def _run(vg, params, x, mesh=None):
 
 
 # ------------------------------------------------------------------------------------------ Mamba2
-def _mamba_setup(scheme):
-    layer = Mamba2(_cfg(mamba_cp_scheme=scheme), rngs=nnx.Rngs(0))
+def _mamba_setup(scheme, impl="xla"):
+    layer = Mamba2(_cfg(mamba_cp_scheme=scheme, kernel_impl=impl), rngs=nnx.Rngs(0))
     layer.A_log[...] = jnp.full_like(layer.A_log[...], np.log(0.05))
     return _layer_setup(layer)
 
 
 @pytest.mark.parametrize(
-    "sizes, scheme",
+    "sizes, scheme, impl",
     [
-        ((1, 1, 1, 2), "sequential"),
-        ((2, 1, 1, 4), "parallel"),
-        ((1, 1, 2, 4), "sequential"),
-        ((1, 1, 1, 8), "parallel"),
-        ((1, 1, 1, 8), "sequential"),
+        ((1, 1, 1, 2), "sequential", "xla"),
+        ((2, 1, 1, 4), "parallel", "xla"),
+        ((1, 1, 2, 4), "sequential", "xla"),
+        ((1, 1, 1, 8), "parallel", "xla"),
+        ((1, 1, 1, 8), "sequential", "xla"),
+        ((1, 1, 1, 2), "parallel", "pallas"),  # the kernel (interpret mode) per shard, unchanged
     ],
     ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else v,
 )
-def test_mamba2_matches_without_context_parallelism(sizes, scheme):
-    vg, params, x = _mamba_setup(scheme)
+def test_mamba2_matches_without_context_parallelism(sizes, scheme, impl):
+    vg, params, x = _mamba_setup(scheme, impl)
     (_, ref_y), ref_grads = _run(vg, params, x)
     (_, y), grads = _run(vg, params, x, _mesh(*sizes))
     assert_close(y, ref_y, TOL)
@@ -182,12 +183,22 @@ def test_moe_matches_without_context_parallelism(capacity_factor, mode):
 
 # ------------------------------------------------------------------------------------ whole model
 @pytest.mark.parametrize(
-    "sizes, scheme, capacity_factor",
-    [((2, 1, 1, 4), "parallel", 1.0), ((1, 2, 1, 4), "sequential", 0.0), ((1, 1, 1, 8), "parallel", 0.5)],
+    "sizes, scheme, capacity_factor, remat",
+    [
+        ((2, 1, 1, 4), "parallel", 1.0, "none"),
+        ((1, 2, 1, 4), "sequential", 0.0, "none"),
+        ((1, 1, 1, 8), "parallel", 0.5, "full"),  # collectives re-run in the rematerialised scan
+    ],
     ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v),
 )
-def test_model_loss_and_grads_match_without_context_parallelism(sizes, scheme, capacity_factor):
-    cfg = _cfg(layout="AFMF" * 2, mamba_cp_scheme=scheme, capacity_factor=capacity_factor)
+def test_model_loss_and_grads_match_without_context_parallelism(sizes, scheme, capacity_factor, remat):
+    cfg = _cfg(
+        layout="AFMF" * 2,
+        mamba_cp_scheme=scheme,
+        capacity_factor=capacity_factor,
+        remat_policy=remat,
+        scan_layers=remat != "none",
+    )
     graphdef, params = nnx.split(TurbosModel(cfg, rngs=nnx.Rngs(0)))
     rng = np.random.default_rng(0)
     seg = np.array(_segments(4))
@@ -199,6 +210,7 @@ def test_model_loss_and_grads_match_without_context_parallelism(sizes, scheme, c
     mesh = _mesh(*sizes)
     sharding.check_mesh(mesh.shape, cfg, 4, seq_len=L)
     shardings = sharding.named_shardings(params, mesh)
+    assert sharding.process_batch_shard(sharding.batch_sharding(mesh), 4) == (0, 1)  # one process
     with jax.set_mesh(mesh):
         p = jax.device_put(params, shardings)
         b = jax.device_put(batch, sharding.batch_sharding(mesh))

@@ -8,6 +8,7 @@ from flax import nnx
 
 from turbos_jax import sharding
 from turbos_jax.config import ModelConfig
+from turbos_jax.layers import context_parallel
 
 
 class Embed(nnx.Module):
@@ -21,7 +22,14 @@ class Embed(nnx.Module):
         )
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        x = jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
+        table = self.embedding[...]
+        if context_parallel.context_size() > 1:
+            # The FSDP gather of the table, explicitly: from a table sharded over d_model on
+            # (data, context), GSPMD cannot move the looked-up rows to their (batch, seq) shards
+            # except by replicating them ("involuntary full rematerialization", measured on tiny
+            # with context 2, forward and backward).
+            table = sharding.constrain(table, ("vocab", None))
+        x = jnp.take(table, tokens, axis=0).astype(self.dtype)
         return sharding.constrain(x, ("batch", "seq", None))
 
 
