@@ -11,13 +11,13 @@ no EOS: every id is a byte, which the tiny model's vocab_size 256 requires); doc
 delimited by segment ids alone. `decode` replaces bytes that do not form UTF-8 (a document cut
 mid-character).
 
-"embedded_bpe" (configs/small.py): a byte-level BPE of 8,192 ids (8,191 merges' worth of subwords
-over the 256 byte symbols, plus "<|endoftext|>" = id 0, its EOS) trained with HF `tokenizers` on the
-embedded corpus (`pydoc_data.topics`, ~465 KB; ~4.5 bytes per token). The corpus holds only ~9,200
-distinct merges, so 8,192 is about the largest vocabulary it can fill. The file ships in the package
-(`embedded_bpe.json`, made by `train_embedded_bpe().save(EMBEDDED_BPE_PATH, pretty=False)` in 0.3 s on Python
-3.11) rather than being trained on first use, because the corpus text changes between Python
-versions and a checkpoint must keep its tokenizer.
+"embedded_bpe" (configs/small.py): a byte-level BPE of 8,192 ids ("<|endoftext|>" = id 0, its EOS;
+the 256 byte symbols; 7,935 merged subwords) trained with HF `tokenizers` on the embedded corpus
+(`pydoc_data.topics`, ~465 KB; ~4.5 bytes per token). That corpus holds only ~9,200 distinct
+merges, so 8,192 is about the largest vocabulary it fills. The file ships in the package
+(`embedded_bpe.json`, written by `train_embedded_bpe().save(EMBEDDED_BPE_PATH, pretty=False)` in
+0.3 s on Python 3.11) rather than being trained on first use: the corpus text changes between
+Python versions, and a checkpoint must keep its tokenizer.
 
 The SentencePiece and Hugging Face loaders import `sentencepiece` / `tokenizers` lazily, so neither
 package is needed unless such a tokenizer is configured. Loaded tokenizers pickle by path (reloaded
