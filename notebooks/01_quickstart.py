@@ -22,7 +22,7 @@
 # the text bundled with Python, with the loss plotted live while it trains; then resumes from the
 # checkpoint and samples text from it. Any runtime works: on a laptop CPU or a free Colab CPU
 # runtime the 300 steps take a few minutes. `TURBOS_NOTEBOOK_SMOKE=1` (set by the tests) cuts the
-# run to 20 steps.
+# run to 12 steps.
 
 # %%
 # Colab only: install turbos-jax from its repository, with the jax / flax versions its CI tests
@@ -74,11 +74,11 @@ print("devices:", jax.devices())
 # %%
 config = tiny.get_config()
 if SMOKE:
-    config.total_steps = 20
-    config.log_every_steps = 5
-    config.eval_every_steps = config.checkpoint_every_steps = 10
+    config.total_steps = 12
+    config.log_every_steps = 3
+    config.eval_every_steps = config.checkpoint_every_steps = 6
     config.eval_batches = 1
-    config.optim.schedule = (("warmup", 5, 3e-3), ("cosine", 15, 3e-4))
+    config.optim.schedule = (("warmup", 4, 3e-3), ("cosine", 8, 3e-4))
 WORKDIR = tempfile.mkdtemp(prefix="turbos-quickstart-")
 model_cfg = ModelConfig.from_config(config.model)
 print(summary.format_table(accounting.summarize(model_cfg, config.seq_len)))
