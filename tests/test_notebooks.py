@@ -77,7 +77,8 @@ def test_notebook_runs_headless(name, tmp_path):
     try:
         client.execute(env=env)
     except nbclient.exceptions.CellExecutionError as e:
-        pytest.fail(f"{name}: {str(e)[-3000:]}", pytrace=False)
+        plain = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # the kernel's traceback without colours
+        pytest.fail(f"{name}: {plain[-3000:]}", pytrace=False)
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     printed = "".join(o.get("text", "") for o in outputs)
     images = sum("image/png" in o.get("data", {}) for o in outputs)
