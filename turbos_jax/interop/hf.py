@@ -37,7 +37,7 @@ from turbos_jax.interop.hf_config import (
     hf_layer_symbols,
     model_values,
 )
-from turbos_jax.interop.hf_params import Rule, block_rules, ignored_key, top_rules
+from turbos_jax.interop.hf_params import block_rules, ignored_key, top_rules
 from turbos_jax.interop.safetensors_io import TensorReader, write_sharded
 
 CONFIG_FILE = "config.json"
@@ -211,7 +211,7 @@ def export(config, model_or_params, out_dir: str, dtype: str | None = None, max_
 
     def tensors():
         for rule, paths, r in _placed_rules(family, cfg):
-            for key, arr in zip(rule.keys, _apply(rule, [host(p, r) for p in paths]), strict=True):
+            for key, arr in zip(rule.keys, rule.to_hf(*[host(p, r) for p in paths]), strict=True):
                 keep_fp32 = any(key.endswith(name) for name in FP32_TENSORS)
                 yield key, np.ascontiguousarray(arr, np.float32 if keep_fp32 else SAVE_DTYPES[dtype])
 
@@ -219,7 +219,3 @@ def export(config, model_or_params, out_dir: str, dtype: str | None = None, max_
     with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
         json.dump(hf | {"dtype": dtype}, f, indent=2)
     return files + [CONFIG_FILE]
-
-
-def _apply(rule: Rule, arrays: list[np.ndarray]) -> tuple[np.ndarray, ...]:
-    return rule.to_hf(*arrays)

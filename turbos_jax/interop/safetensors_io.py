@@ -123,7 +123,6 @@ def write_sharded(
     `max_shard_bytes` each (a larger tensor gets a file of its own) plus the index. Arrays are held
     only until their shard is written. Returns the file names."""
     os.makedirs(directory, exist_ok=True)
-    shards: list[list[tuple[str, np.ndarray]]] = []
     written: list[str] = []
     weight_map: dict[str, int] = {}
     pending, size, total = [], 0, 0
@@ -136,7 +135,6 @@ def write_sharded(
             for key, _ in pending:
                 weight_map[key] = len(written)
             written.append(name)
-            shards.append([])
             pending, size = [], 0
 
     for key, arr in _unique(tensors):
