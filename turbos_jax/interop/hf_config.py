@@ -113,9 +113,10 @@ def _common(hf: dict, eps_key: str) -> dict:
 
 
 def _rope(hf: dict) -> dict:
-    """rope_theta / rope_alpha from `rope_parameters` (or the older flat keys)."""
-    params = dict(hf.get("rope_parameters") or {})
-    rope_type = params.get("rope_type", "default")
+    """rope_theta / rope_alpha from `rope_parameters` (transformers 5), or the older `rope_scaling`
+    (with "type") and flat `rope_theta` that original checkpoints' config.json files hold."""
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    rope_type = params.get("rope_type", params.get("type", "default"))
     alpha = float(params.get("alpha", 1.0)) if rope_type == "dynamic" else 1.0
     if rope_type not in ("default", "dynamic") or (rope_type == "dynamic" and "alpha" not in params):
         raise UnsupportedCheckpointError(
@@ -246,6 +247,11 @@ def _hunyuan(hf: dict) -> dict:
     _need(hf, "mlp_bias", lambda v: not v, "no MLP bias")
     _need(hf, "hidden_act", lambda v: v == "silu", "SwiGLU only")
     _need(hf, "use_qk_norm", bool, "QK-norm is always on in HunYuanMoEV1")
+    _need(hf, "use_cla", lambda v: not v, "cross-layer attention")
+    if "num_shared_expert" in hf and _uniform(hf, "num_shared_expert") != 1:
+        raise UnsupportedCheckpointError(
+            f"config.json num_shared_expert={hf['num_shared_expert']!r}: unsupported"
+        )
     d, heads = int(hf["hidden_size"]), int(_get(hf, "num_attention_heads"))
     width = int(_get(hf, "intermediate_size"))
     return (
