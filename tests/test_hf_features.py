@@ -101,3 +101,22 @@ def test_single_mamba_group_is_replicated_under_tensor_parallelism():
     in_proj = specs["period"][0]["layer"]["in_proj"]
     assert in_proj["B"] == jax.sharding.PartitionSpec(None, "data", None, None)
     assert in_proj["x"] == jax.sharding.PartitionSpec(None, "data", "model", None)
+
+
+def test_relu2_sigmoid_experts_under_expert_parallelism_match_one_device():
+    """Dropless all-to-all dispatch over expert=2 (x data=2 x model=2) with gate-less experts."""
+    cfg = _cfg(
+        router_score="sigmoid",
+        router_bias=True,
+        expert_activation="relu2",
+        routed_scale=2.5,
+        shared_expert_dim=64,
+    )
+    graphdef, state = nnx.split(MoEFFN(cfg, rngs=nnx.Rngs(0)))
+    forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x)[0])
+    x = jax.random.normal(jax.random.key(1), (4, 8, cfg.d_model))
+    want = forward(state, x)
+    mesh = sharding.make_mesh({"data": 2, "expert": 2, "model": 2, "context": 1}, jax.devices()[:8])
+    with jax.set_mesh(mesh):
+        got = forward(jax.device_put(state, sharding.named_shardings(state, mesh)), x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * float(jnp.abs(want).max()))
