@@ -1,9 +1,10 @@
 """Context parallelism (CP): each device of the `context` mesh axis holds one contiguous shard of
 every sequence (shard r = positions [r * L/P, (r + 1) * L/P), P = mesh context size).
 
-Token-wise layers (projections, norms, the MoE router and experts) need nothing. Attention gathers
-K/V over `context` and keeps its queries local (`attention_shard`). The Mamba2 mixer keeps its
-recurrence exact with TurboS's state passing (report §5), in `mamba2_shard`, inside `jax.shard_map`:
+Token-wise layers (projections, norms, the MoE router) need nothing; the expert-parallel MoE dispatch
+keeps the sequence sharded (layers/moe.py). Attention gathers K/V over `context` and keeps its
+queries local (`attention_shard`). The Mamba2 mixer keeps its recurrence exact with TurboS's state
+passing (report §5), in `mamba2_shard`, inside `jax.shard_map`:
 
   1. Conv halo: the last K-1 pre-conv rows of x, B, C (and their segment ids) of shard r-1 come by
      `ppermute`; the conv runs over [halo, shard] and the first K-1 outputs are dropped. Rank 0 gets
