@@ -33,7 +33,9 @@ def test_tiny_curriculum_128_2k_8k(tmp_path):
     for i, stage in enumerate(STAGES):
         workdir = str(tmp_path / f"stage{i}")
         logged = []
-        train_and_evaluate(stage_config(*stage, previous), workdir, on_log=lambda s, r: logged.append(r))
+        train_and_evaluate(
+            stage_config(*stage, previous), workdir, on_log=lambda _, r, out=logged: out.append(r)
+        )
         rows.append([r for r in logged if "loss" in r])
         steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
         assert steps[-1] == stage[3]
