@@ -18,7 +18,8 @@ model) and measured decode step time of the tiny config on this machine.
        slots: decode attention reads the filled blocks only, so time grows with T;
    (b) step time against max_len (default 4K and 64K) at --fixed_context (1K): the same within
        noise, since no step touches the unfilled slots. The max_lens are timed twice in turn and
-       the lower median kept.
+       the lower median kept; the last column, XLA's cost analysis of the compiled program
+       ("bytes accessed", loop bodies counted once), shows the same without timing noise.
    --all_attention repeats (a) for tiny with every Mamba2 slot turned into attention.
 """
 
@@ -72,41 +73,58 @@ def analytic_table() -> str:
     return "\n".join(rows)
 
 
-def decode_timer(cfg: ModelConfig, batch: int, steps: int, repeats: int):
-    """A function (context, max_len) -> median seconds per decode step of the tiny model, from a
-    cache of max_len slots holding `context` tokens. The cache is donated to the jitted scan (and the
-    returned one reused), so no call copies it: only the decode steps themselves are timed."""
-    graphdef, params = init_model(cfg, seed=0)
+class DecodeTimer:
+    """Times the tiny model's decode steps from a cache of max_len slots holding `context` tokens.
 
-    @functools.partial(jax.jit, donate_argnums=1)
-    def run(params, cache, tokens):
-        model = nnx.merge(graphdef, params)
+    One ahead-of-time compiled program per max_len: a jitted `lax.scan` of `steps` decode steps.
+    The cache is donated to each call (and the returned one reused), so no call copies it and only
+    the decode steps themselves are timed."""
 
-        def step(cache, tok):
-            logits, cache = model.decode_step(tok, cache)
-            return cache, logits[:, 0]
+    def __init__(self, cfg: ModelConfig, batch: int, steps: int, repeats: int):
+        self.cfg, self.batch, self.steps, self.repeats = cfg, batch, steps, repeats
+        graphdef, self.params = init_model(cfg, seed=0)
 
-        return jax.lax.scan(step, cache, tokens)
+        @functools.partial(jax.jit, donate_argnums=1)
+        def run(params, cache, tokens):
+            model = nnx.merge(graphdef, params)
 
-    tokens = jax.random.randint(jax.random.key(0), (steps, batch), 0, cfg.vocab_size)
-    caches = {}
+            def step(cache, tok):
+                logits, cache = model.decode_step(tok, cache)
+                return cache, logits[:, 0]
 
-    def seconds_per_step(context: int, max_len: int) -> float:
-        if context + steps > max_len:
-            raise ValueError(f"context {context} + {steps} steps > max_len {max_len}")
-        cache = caches.pop(max_len, None) or init_cache(cfg, batch, max_len)
+            return jax.lax.scan(step, cache, tokens)
+
+        self.run = run
+        self.tokens = jax.random.randint(jax.random.key(0), (steps, batch), 0, cfg.vocab_size)
+        self.programs, self.caches = {}, {}
+
+    def program(self, max_len: int):
+        if max_len not in self.programs:
+            cache = jax.eval_shape(lambda: init_cache(self.cfg, self.batch, max_len))
+            self.programs[max_len] = self.run.lower(self.params, cache, self.tokens).compile()
+        return self.programs[max_len]
+
+    def bytes_accessed(self, max_len: int) -> float:
+        """XLA's cost analysis of the compiled program (loop bodies counted once): no timing noise."""
+        cost = self.program(max_len).cost_analysis()
+        return float((cost[0] if isinstance(cost, list) else cost)["bytes accessed"])
+
+    def seconds_per_step(self, context: int, max_len: int) -> float:
+        """Median over `repeats` calls (after one warm-up) of the call time / steps."""
+        if context + self.steps > max_len:
+            raise ValueError(f"context {context} + {self.steps} steps > max_len {max_len}")
+        program = self.program(max_len)
+        cache = self.caches.pop(max_len, None) or init_cache(self.cfg, self.batch, max_len)
         times = []
-        for r in range(repeats + 1):  # the first call compiles (once per max_len)
-            cache["lengths"] = jnp.full((batch,), context, jnp.int32)
+        for r in range(self.repeats + 1):
+            cache["lengths"] = jnp.full((self.batch,), context, jnp.int32)
             t0 = time.perf_counter()
-            cache, logits = run(params, cache, tokens)
+            cache, logits = program(self.params, cache, self.tokens)
             jax.block_until_ready(logits)
             if r:
                 times.append(time.perf_counter() - t0)
-        caches[max_len] = cache
-        return float(np.median(times)) / steps
-
-    return seconds_per_step
+        self.caches[max_len] = cache
+        return float(np.median(times)) / self.steps
 
 
 def tiny_config(all_attention: bool = False) -> ModelConfig:
@@ -117,31 +135,33 @@ def tiny_config(all_attention: bool = False) -> ModelConfig:
     return cfg
 
 
-def context_table(timer, contexts, batch, steps) -> str:
+def context_table(timer: DecodeTimer, contexts) -> str:
     """(a) Step time against the filled context, all rows in one cache of max(contexts) + steps."""
-    max_len = max(contexts) + steps
+    batch, max_len = timer.batch, max(contexts) + timer.steps
     rows = [
         f"| context T (max_len {max_len:,}) | batch | decode tokens/s | ms / step |",
         "| ---: | ---: | ---: | ---: |",
     ]
     for t in contexts:
-        sec = timer(t, max_len)
+        sec = timer.seconds_per_step(t, max_len)
         rows.append(f"| {t:,} | {batch} | {batch / sec:,.0f} | {1e3 * sec:.3f} |")
     return "\n".join(rows)
 
 
-def max_len_table(timer, context, max_lens, batch) -> str:
+def max_len_table(timer: DecodeTimer, context, max_lens) -> str:
     """(b) Step time against the preallocated max_len at a fixed context; the max_lens are timed in
-    turn, twice over, and each row reports the lower median (shared cores drift)."""
-    best = {m: timer(context, m) for m in max_lens}
+    turn, twice over, and each row reports the lower median (shared cores drift). The last column
+    is XLA's count of bytes the compiled program accesses."""
+    best = {m: timer.seconds_per_step(context, m) for m in max_lens}
     for m in max_lens:  # a second pass in the same order
-        best[m] = min(best[m], timer(context, m))
+        best[m] = min(best[m], timer.seconds_per_step(context, m))
     rows = [
-        f"| max_len (context {context:,}) | batch | decode tokens/s | ms / step |",
-        "| ---: | ---: | ---: | ---: |",
+        f"| max_len (context {context:,}) | batch | decode tokens/s | ms / step | compiled MB accessed |",
+        "| ---: | ---: | ---: | ---: | ---: |",
     ]
     for m in max_lens:
-        rows.append(f"| {m:,} | {batch} | {batch / best[m]:,.0f} | {1e3 * best[m]:.3f} |")
+        sec, mb = best[m], timer.bytes_accessed(m) / 1e6
+        rows.append(f"| {m:,} | {timer.batch} | {timer.batch / sec:,.0f} | {1e3 * sec:.3f} | {mb:,.1f} |")
     return "\n".join(rows)
 
 
@@ -161,10 +181,13 @@ def parse_args(argv=None):
         help="also measure table (a) for tiny with every Mamba2 slot turned into attention",
     )
     args = ap.parse_args(argv)
-    if args.smoke:
-        # table (a)'s cache (124 + 4 slots) is also (b)'s first max_len: two compiles in all
-        args.contexts, args.fixed_context, args.max_lens = "32,124", 32, "128,512"
-        args.steps, args.repeats = 4, 1
+    if args.smoke:  # tiny sizes for the flags left at their defaults
+        # table (a)'s cache (1020 + 4 slots) is also (b)'s first max_len: two compiles in all; both
+        # max_lens hold two or more 512-slot blocks, so (b)'s bytes accessed must be equal
+        smoke = dict(contexts="32,1020", fixed_context=32, max_lens="1024,4096", steps=4, repeats=1)
+        for key, value in smoke.items():
+            if getattr(args, key) == ap.get_default(key):
+                setattr(args, key, value)
     return args
 
 
@@ -180,16 +203,16 @@ def main(argv=None):
         return
     contexts = [int(c) for c in args.contexts.split(",")]
     max_lens = [int(m) for m in args.max_lens.split(",")]
-    timer = decode_timer(tiny_config(), args.batch, args.steps, args.repeats)
+    timer = DecodeTimer(tiny_config(), args.batch, args.steps, args.repeats)
     head = f"configs/tiny.py, fp32, batch {args.batch}, {args.steps} steps per call"
     print(f"\n## (a) Decode step time vs context ({head})\n")
-    print(context_table(timer, contexts, args.batch, args.steps))
+    print(context_table(timer, contexts))
     print(f"\n## (b) Decode step time vs max_len at a fixed context ({head})\n")
-    print(max_len_table(timer, args.fixed_context, max_lens, args.batch))
+    print(max_len_table(timer, args.fixed_context, max_lens))
     if args.all_attention:
-        timer = decode_timer(tiny_config(all_attention=True), args.batch, args.steps, args.repeats)
+        timer = DecodeTimer(tiny_config(all_attention=True), args.batch, args.steps, args.repeats)
         print(f"\n## (a) again, all-attention tiny (layout M -> A), batch {args.batch}\n")
-        print(context_table(timer, contexts, args.batch, args.steps))
+        print(context_table(timer, contexts))
 
 
 if __name__ == "__main__":
