@@ -12,14 +12,14 @@ model) and measured decode step time of the tiny config on this machine.
 2. Measured: the tiny model (fp32, dropless MoE), `TurbosModel.decode_step` in a jitted `lax.scan`
    of --steps steps from a cache preallocated to max_len slots with T tokens already cached (an
    `init_cache` with lengths set: the cached values do not change the cost). The cache is donated
-   to the call, so only the steps are timed; a row is the median of --repeats calls after one
-   warm-up / compile, in ms per step and tokens/s = batch / step time.
+   to the call, so only the steps are timed; a row is the median of --repeats calls after a
+   warm-up call, in ms per step and tokens/s = batch / step time.
    (a) step time against the context T (default 1K, 2K, ..., 64K) in one cache of max(T) + steps
        slots: decode attention reads the filled blocks only, so time grows with T;
    (b) step time against max_len (default 4K and 64K) at --fixed_context (1K): the same within
-       noise, since no step touches the unfilled slots. The max_lens are timed twice in turn and
-       the lower median kept; the last column, XLA's cost analysis of the compiled program
-       ("bytes accessed", loop bodies counted once), shows the same without timing noise.
+       noise, since no step touches the unfilled slots. The max_lens are timed one call each in
+       turn, --repeats rounds, median per max_len; the last column, XLA's cost analysis of the
+       compiled program ("bytes accessed", loop bodies counted once), shows it without noise.
    --all_attention repeats (a) for tiny with every Mamba2 slot turned into attention.
 """
 
@@ -109,22 +109,23 @@ class DecodeTimer:
         cost = self.program(max_len).cost_analysis()
         return float((cost[0] if isinstance(cost, list) else cost)["bytes accessed"])
 
-    def seconds_per_step(self, context: int, max_len: int) -> float:
-        """Median over `repeats` calls (after one warm-up) of the call time / steps."""
+    def seconds_per_step(self, context: int, max_len: int, calls: int) -> list[float]:
+        """Call time / steps of `calls` timed calls; the first use of a max_len adds a warm-up."""
         if context + self.steps > max_len:
             raise ValueError(f"context {context} + {self.steps} steps > max_len {max_len}")
-        program = self.program(max_len)
-        cache = self.caches.pop(max_len, None) or init_cache(self.cfg, self.batch, max_len)
-        times = []
-        for r in range(self.repeats + 1):
-            cache["lengths"] = jnp.full((self.batch,), context, jnp.int32)
-            t0 = time.perf_counter()
-            cache, logits = program(self.params, cache, self.tokens)
-            jax.block_until_ready(logits)
-            if r:
-                times.append(time.perf_counter() - t0)
+        if max_len not in self.caches:
+            self.caches[max_len] = init_cache(self.cfg, self.batch, max_len)
+            self._call(context, max_len)
+        return [self._call(context, max_len) for _ in range(calls)]
+
+    def _call(self, context: int, max_len: int) -> float:
+        program, cache = self.program(max_len), self.caches.pop(max_len)
+        cache["lengths"] = jnp.full((self.batch,), context, jnp.int32)
+        t0 = time.perf_counter()
+        cache, logits = program(self.params, cache, self.tokens)  # the cache is donated
+        jax.block_until_ready(logits)
         self.caches[max_len] = cache
-        return float(np.median(times)) / self.steps
+        return (time.perf_counter() - t0) / self.steps
 
 
 def tiny_config(all_attention: bool = False) -> ModelConfig:
@@ -143,24 +144,25 @@ def context_table(timer: DecodeTimer, contexts) -> str:
         "| ---: | ---: | ---: | ---: |",
     ]
     for t in contexts:
-        sec = timer.seconds_per_step(t, max_len)
+        sec = float(np.median(timer.seconds_per_step(t, max_len, timer.repeats)))
         rows.append(f"| {t:,} | {batch} | {batch / sec:,.0f} | {1e3 * sec:.3f} |")
     return "\n".join(rows)
 
 
 def max_len_table(timer: DecodeTimer, context, max_lens) -> str:
-    """(b) Step time against the preallocated max_len at a fixed context; the max_lens are timed in
-    turn, twice over, and each row reports the lower median (shared cores drift). The last column
-    is XLA's count of bytes the compiled program accesses."""
-    best = {m: timer.seconds_per_step(context, m) for m in max_lens}
-    for m in max_lens:  # a second pass in the same order
-        best[m] = min(best[m], timer.seconds_per_step(context, m))
+    """(b) Step time against the preallocated max_len at a fixed context: `repeats` rounds, each
+    timing one call per max_len in turn (so load on shared cores hits every max_len alike), median
+    per max_len. The last column is XLA's count of bytes the compiled program accesses."""
+    times = {m: [] for m in max_lens}
+    for _ in range(timer.repeats):
+        for m in max_lens:
+            times[m] += timer.seconds_per_step(context, m, calls=1)
     rows = [
         f"| max_len (context {context:,}) | batch | decode tokens/s | ms / step | compiled MB accessed |",
         "| ---: | ---: | ---: | ---: | ---: |",
     ]
     for m in max_lens:
-        sec, mb = best[m], timer.bytes_accessed(m) / 1e6
+        sec, mb = float(np.median(times[m])), timer.bytes_accessed(m) / 1e6
         rows.append(f"| {m:,} | {timer.batch} | {timer.batch / sec:,.0f} | {1e3 * sec:.3f} | {mb:,.1f} |")
     return "\n".join(rows)
 
