@@ -12,14 +12,14 @@ model) and measured decode step time of the tiny config on this machine.
 2. Measured: the tiny model (fp32, dropless MoE), `TurbosModel.decode_step` in a jitted `lax.scan`
    of --steps steps from a cache preallocated to max_len slots with T tokens already cached (an
    `init_cache` with lengths set: the cached values do not change the cost). The cache is donated
-   to the call, so only the steps are timed; a row is the median of --repeats calls after a
-   warm-up call, in ms per step and tokens/s = batch / step time.
+   to the call, so only the steps are timed. Each table times its rows one call each in turn,
+   --repeats rounds (load on the shared cores hits every row alike), after a warm-up call per
+   max_len; a row is the median, in ms per step and tokens/s = batch / step time.
    (a) step time against the context T (default 1K, 2K, ..., 64K) in one cache of max(T) + steps
        slots: decode attention reads the filled blocks only, so time grows with T;
    (b) step time against max_len (default 4K and 64K) at --fixed_context (1K): the same within
-       noise, since no step touches the unfilled slots. The max_lens are timed one call each in
-       turn, --repeats rounds, median per max_len; the last column, XLA's cost analysis of the
-       compiled program ("bytes accessed", loop bodies counted once), shows it without noise.
+       noise, since no step touches the unfilled slots; the last column, XLA's cost analysis of
+       the compiled program ("bytes accessed", loop bodies counted once), shows it without noise.
    --all_attention repeats (a) for tiny with every Mamba2 slot turned into attention.
 """
 
@@ -136,6 +136,16 @@ def tiny_config(all_attention: bool = False) -> ModelConfig:
     return cfg
 
 
+def round_robin(timer: DecodeTimer, cases) -> list[float]:
+    """Median seconds per step of each (context, max_len) case over `repeats` rounds, each round
+    timing one call per case in turn, so load on shared cores hits every case alike."""
+    times = [[] for _ in cases]
+    for _ in range(timer.repeats):
+        for i, (context, max_len) in enumerate(cases):
+            times[i] += timer.seconds_per_step(context, max_len, calls=1)
+    return [float(np.median(t)) for t in times]
+
+
 def context_table(timer: DecodeTimer, contexts) -> str:
     """(a) Step time against the filled context, all rows in one cache of max(contexts) + steps."""
     batch, max_len = timer.batch, max(contexts) + timer.steps
@@ -143,26 +153,20 @@ def context_table(timer: DecodeTimer, contexts) -> str:
         f"| context T (max_len {max_len:,}) | batch | decode tokens/s | ms / step |",
         "| ---: | ---: | ---: | ---: |",
     ]
-    for t in contexts:
-        sec = float(np.median(timer.seconds_per_step(t, max_len, timer.repeats)))
+    for t, sec in zip(contexts, round_robin(timer, [(t, max_len) for t in contexts]), strict=True):
         rows.append(f"| {t:,} | {batch} | {batch / sec:,.0f} | {1e3 * sec:.3f} |")
     return "\n".join(rows)
 
 
 def max_len_table(timer: DecodeTimer, context, max_lens) -> str:
-    """(b) Step time against the preallocated max_len at a fixed context: `repeats` rounds, each
-    timing one call per max_len in turn (so load on shared cores hits every max_len alike), median
-    per max_len. The last column is XLA's count of bytes the compiled program accesses."""
-    times = {m: [] for m in max_lens}
-    for _ in range(timer.repeats):
-        for m in max_lens:
-            times[m] += timer.seconds_per_step(context, m, calls=1)
+    """(b) Step time against the preallocated max_len at a fixed context; the last column is XLA's
+    count of bytes the compiled program accesses."""
     rows = [
         f"| max_len (context {context:,}) | batch | decode tokens/s | ms / step | compiled MB accessed |",
         "| ---: | ---: | ---: | ---: | ---: |",
     ]
-    for m in max_lens:
-        sec, mb = float(np.median(times[m])), timer.bytes_accessed(m) / 1e6
+    for m, sec in zip(max_lens, round_robin(timer, [(context, m) for m in max_lens]), strict=True):
+        mb = timer.bytes_accessed(m) / 1e6
         rows.append(f"| {m:,} | {timer.batch} | {timer.batch / sec:,.0f} | {1e3 * sec:.3f} | {mb:,.1f} |")
     return "\n".join(rows)
 
