@@ -71,21 +71,39 @@ def get_config() -> ml_collections.ConfigDict:
 
     m = config.model = ml_collections.ConfigDict()
     # --- layout and sizes
-    m.layout = ("AF" + "MF" * 8) * 7 + "MF"  # A attention, M Mamba2, F MoE FFN; one symbol per layer
-    m.vocab_size = 131_072  # embedding rows and LM-head columns (untied)
+    # One symbol per layer: A attention, M Mamba2, F MoE FFN, D dense FFN (imported checkpoints).
+    m.layout = ("AF" + "MF" * 8) * 7 + "MF"
+    m.vocab_size = 131_072  # token ids the model knows
+    # Embedding rows and LM-head columns are vocab_size rounded up to a multiple of this (e.g. 128
+    # so the `model` axis divides them); the padding columns' logits are -inf. 1 = no padding.
+    m.vocab_multiple = 1
     m.d_model = 5120  # residual stream width
     m.norm_eps = 1e-5  # RMSNorm epsilon (all norms)
     m.init_std = 0.02  # std of the truncated-normal init of projections and embeddings
+    m.tie_embeddings = False  # True: the LM head is embedding^T (one parameter; Granite, Mamba2)
+    # muP multipliers as explicit scalars (Granite-4.0-H; 1 = off): embeddings x embedding_scale,
+    # every layer's output x residual_scale before its residual add, logits x logits_scale (Granite's
+    # 1 / logits_scaling).
+    m.embedding_scale = 1.0
+    m.residual_scale = 1.0
+    m.logits_scale = 1.0
     # --- grouped-query attention with QK-norm and RoPE
     m.num_heads = 64  # query heads
     m.num_kv_heads = 8  # key/value heads (GQA groups)
     m.head_dim = 128  # per-head width
+    m.position_encoding = "rope"  # "rope", or "none" (NoPE: Granite-4.0-H, Nemotron-H)
     m.rope_theta = 10_000.0  # RoPE base before NTK scaling
     m.rope_alpha = 1.0  # NTK-aware scaling alpha: 1 at 4K, 50 at 32K, 1000 at 256K
+    # RMSNorm of each q/k head: "after_rope" (every public Hunyuan model; docs/architecture.md),
+    # "before_rope", or "none" (no q_norm/k_norm parameters).
+    m.qk_norm = "after_rope"
+    m.attn_scale = 0.0  # multiplier of q.k before the softmax; 0 = head_dim ** -0.5
     # --- Mamba2 (mamba_ssm conventions)
     m.mamba_heads = 64  # SSM heads (nheads)
     m.mamba_head_dim = 64  # channels per head (headdim); d_inner = heads * head_dim
-    m.mamba_groups = 16  # B/C groups (ngroups); heads per group share B and C
+    # B/C groups (ngroups); heads per group share B and C. With 1 group, B/C are replicated over
+    # the `model` axis, so any tensor-parallel size works (Granite-4.0-H).
+    m.mamba_groups = 16
     m.mamba_d_state = 128  # state size per head channel (dstate)
     m.mamba_chunk = 128  # chunk length of the chunked (SSD) scan
     m.mamba_conv = 4  # depthwise causal conv kernel width
@@ -95,6 +113,16 @@ def get_config() -> ml_collections.ConfigDict:
     m.top_k = 2  # routed experts per token
     m.num_shared_experts = 1  # always-on experts, same width as routed ones
     m.expert_dim = 17_024  # expert intermediate size
+    m.shared_expert_dim = 0  # shared expert width; 0 = num_shared_experts * expert_dim
+    m.expert_activation = "swiglu"  # routed and shared experts: "swiglu" or "relu2" (relu(x Wu)^2)
+    # Router: gates from softmax(logits) or sigmoid(logits) (Nemotron-3). router_bias adds a
+    # per-expert bias to the scores for choosing the top-k only (never to the gates); it is not
+    # trained by the gradient. renorm_topk rescales the k chosen gates to sum to 1; the gates are
+    # then multiplied by routed_scale.
+    m.router_score = "softmax"
+    m.router_bias = False
+    m.renorm_topk = True
+    m.routed_scale = 1.0
     m.capacity_factor = 1.5  # >0: per-sequence expert capacity, overflow dropped; 0: dropless
     m.aux_loss_weight = 0.01  # weight of the load-balancing loss
     m.z_loss_weight = 1e-3  # weight of the router z-loss
@@ -102,6 +130,9 @@ def get_config() -> ml_collections.ConfigDict:
     # all-to-all (capacity) or ragged all-to-all (dropless) (docs/sharding.md); "none": XLA's
     # GSPMD partitions the einsums.
     m.expert_parallel = "auto"
+    # --- dense FFN (layout symbol D; none in TurboS)
+    m.mlp_dim = 0  # intermediate size (must be > 0 when the layout has a D)
+    m.mlp_activation = "swiglu"  # "swiglu" or "relu2"
     # --- numerics and compilation
     m.dtype = "bfloat16"  # activation/compute dtype
     m.param_dtype = "float32"  # parameter (master weight) dtype

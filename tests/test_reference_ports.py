@@ -180,6 +180,7 @@ def _attention_case(cfg: ModelConfig, seed: int):
         rope_theta=cfg.rope_theta,
         rope_alpha=cfg.rope_alpha,
         eps=cfg.norm_eps,
+        qk_norm=cfg.qk_norm,
     )
     return got, want
 

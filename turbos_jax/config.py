@@ -5,7 +5,7 @@ present in the config file (there are no defaults here, so nothing is hidden), u
 rejected, and each check raises a `ConfigError` whose one-line message names the offending key.
 
 The layout is a string of layer symbols, one per layer (each with its own pre-norm and residual):
-  A  grouped-query attention          M  Mamba2 mixer          F  MoE feed-forward
+  A  grouped-query attention    M  Mamba2 mixer    F  MoE feed-forward    D  dense feed-forward
 `split_layout` finds the longest stretch made of one repeated period; that period is built once as
 stacked parameters and run with `lax.scan`, so 128 layers compile as one loop body. Layers before and
 after the repeated stretch are built and run one by one.
@@ -19,7 +19,11 @@ from typing import Any
 
 import jax.numpy as jnp
 
-LAYER_SYMBOLS = {"A": "attention", "M": "mamba2", "F": "moe"}
+LAYER_SYMBOLS = {"A": "attention", "M": "mamba2", "F": "moe", "D": "mlp"}
+POSITION_ENCODINGS = ("rope", "none")
+QK_NORMS = ("before_rope", "after_rope", "none")
+ACTIVATIONS = ("swiglu", "relu2")  # silu(x Wg) * (x Wu), or relu(x Wu)^2 (no gate)
+ROUTER_SCORES = ("softmax", "sigmoid")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_mixer_outputs")
 KERNEL_IMPLS = ("xla", "pallas", "auto")  # see pallas_kernels/__init__.py
 EXPERT_PARALLEL = ("auto", "none")  # MoE dispatch across the mesh's expert axis (layers/moe.py)
@@ -74,15 +78,23 @@ class ModelConfig:
     # Layout and sizes.
     layout: str
     vocab_size: int
+    vocab_multiple: int
     d_model: int
     norm_eps: float
     init_std: float
+    tie_embeddings: bool
+    embedding_scale: float
+    residual_scale: float
+    logits_scale: float
     # Attention.
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    position_encoding: str
     rope_theta: float
     rope_alpha: float
+    qk_norm: str
+    attn_scale: float
     # Mamba2.
     mamba_heads: int
     mamba_head_dim: int
@@ -96,10 +108,19 @@ class ModelConfig:
     top_k: int
     num_shared_experts: int
     expert_dim: int
+    shared_expert_dim: int
+    expert_activation: str
+    router_score: str
+    router_bias: bool
+    renorm_topk: bool
+    routed_scale: float
     capacity_factor: float
     aux_loss_weight: float
     z_loss_weight: float
     expert_parallel: str
+    # Dense FFN (layout symbol D).
+    mlp_dim: int
+    mlp_activation: str
     # Numerics and compilation.
     dtype: Any
     param_dtype: Any
@@ -136,11 +157,29 @@ class ModelConfig:
         return self.mamba_heads * self.mamba_head_dim
 
     @property
+    def padded_vocab(self) -> int:
+        """Rows of the embedding and columns of the LM head: vocab_size rounded up to vocab_multiple."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
+
+    @property
+    def shared_width(self) -> int:
+        """Intermediate size of the shared expert (0 = none)."""
+        if self.num_shared_experts == 0:
+            return 0
+        return self.shared_expert_dim or self.num_shared_experts * self.expert_dim
+
+    @property
+    def attention_scale(self) -> float:
+        """Multiplier of q.k in the attention softmax."""
+        return self.attn_scale or self.head_dim**-0.5
+
+    @property
     def layout_split(self) -> LayoutSplit:
         return split_layout(self.layout)
 
     def layer_counts(self) -> dict[str, int]:
-        return {s: self.layout.count(s) for s in LAYER_SYMBOLS}
+        # A, M, F always (TurboS's three kinds); D only in layouts that have it (imported models).
+        return {s: self.layout.count(s) for s in LAYER_SYMBOLS if s != "D" or s in self.layout}
 
     def capacity(self, tokens_per_group: int) -> int:
         """Expert buffer slots per group of tokens in capacity mode (see layers/moe.py)."""
@@ -176,6 +215,34 @@ class ModelConfig:
                 fail(key, "must be a positive integer")
         if self.num_shared_experts < 0:
             fail("num_shared_experts", "must be >= 0")
+        for key in ("vocab_multiple",):
+            if int(getattr(self, key)) <= 0:
+                fail(key, "must be a positive integer (1 = no padding)")
+        for key in ("shared_expert_dim", "mlp_dim"):
+            if int(getattr(self, key)) < 0:
+                fail(key, "must be >= 0")
+        if "D" in self.layout and self.mlp_dim <= 0:
+            fail("mlp_dim", "must be > 0 when the layout has dense FFN layers (D)")
+        choices = (
+            ("position_encoding", POSITION_ENCODINGS),
+            ("qk_norm", QK_NORMS),
+            ("expert_activation", ACTIVATIONS),
+            ("mlp_activation", ACTIVATIONS),
+            ("router_score", ROUTER_SCORES),
+        )
+        for key, allowed in choices:
+            if getattr(self, key) not in allowed:
+                fail(key, f"expected one of {allowed}")
+        for key in ("tie_embeddings", "router_bias", "renorm_topk"):
+            if not isinstance(getattr(self, key), bool):
+                fail(key, "expected True or False")
+        for key in ("embedding_scale", "residual_scale", "logits_scale", "routed_scale"):
+            if not 0 < getattr(self, key) < math.inf:
+                fail(key, "must be a finite number > 0")
+        if not 0 <= self.attn_scale < math.inf:
+            fail("attn_scale", "must be >= 0 (0 = head_dim ** -0.5)")
+        if self.router_score == "softmax" and self.router_bias:
+            fail("router_bias", "a selection bias needs router_score='sigmoid'")
         if self.num_heads % self.num_kv_heads:
             fail("num_heads", f"must be divisible by num_kv_heads={self.num_kv_heads}")
         if self.head_dim % 2:

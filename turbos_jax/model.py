@@ -1,7 +1,9 @@
 """The TurboS language model: embedding -> hybrid layer stack -> RMSNorm -> LM head.
 
-The stack follows `cfg.layout`, one symbol per layer (A attention, M Mamba2, F MoE FFN); every layer
-is pre-norm with a residual. `split_layout` cuts the layout into prefix + period * repeats + suffix:
+The stack follows `cfg.layout`, one symbol per layer (A attention, M Mamba2, F MoE FFN, D dense FFN);
+every layer is pre-norm with a residual, x + residual_scale * layer(norm(x)). The LM head is its own
+matrix, or the embedding table transposed (cfg.tie_embeddings). `split_layout` cuts the layout into
+prefix + period * repeats + suffix:
 
   1. Each position of the period is built `repeats` times at once (`nnx.split_rngs` + `nnx.vmap`), so
      its parameters carry a leading stacked axis of size `repeats` (never sharded).
@@ -32,6 +34,7 @@ from turbos_jax.config import ModelConfig
 from turbos_jax.layers.attention import Attention
 from turbos_jax.layers.embedding import Embed, LMHead
 from turbos_jax.layers.mamba2 import Mamba2
+from turbos_jax.layers.mlp import MLP
 from turbos_jax.layers.moe import MoEFFN
 from turbos_jax.layers.norms import RMSNorm
 
@@ -53,15 +56,22 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
 
 
 class Block(nnx.Module):
-    """One layer: x + sublayer(RMSNorm(x)); `symbol` picks attention, Mamba2 or MoE FFN."""
+    """One layer: x + residual_scale * sublayer(RMSNorm(x)); `symbol` picks attention, Mamba2, MoE
+    FFN or dense FFN."""
 
     def __init__(self, symbol: str, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.symbol = symbol
         self.norm = RMSNorm(
             (cfg.d_model,), ("embed",), eps=cfg.norm_eps, param_dtype=cfg.param_dtype, rngs=rngs
         )
-        layer = {"A": Attention, "M": Mamba2, "F": MoEFFN}[symbol]
+        layer = {"A": Attention, "M": Mamba2, "F": MoEFFN, "D": MLP}[symbol]
         self.layer = layer(cfg, rngs=rngs)
+        self.residual_scale = cfg.residual_scale
+
+    def _residual(self, x, h):
+        if self.residual_scale != 1.0:
+            h = h.astype(jnp.float32) * self.residual_scale
+        return x + h.astype(x.dtype)
 
     def __call__(self, x, segment_ids, positions):
         """x (B, L, D) -> (x', aux) where aux holds MoE statistics (empty for mixers)."""
@@ -71,10 +81,12 @@ class Block(nnx.Module):
             h = self.layer(h, segment_ids, positions)
         elif self.symbol == "M":
             h = self.layer(h, segment_ids)
+        elif self.symbol == "D":
+            h = self.layer(h)
         else:
             h, aux = self.layer(h, valid=segment_ids != 0)
         h = checkpoint_name(h, "mixer_out")
-        return sharding.constrain(x + h.astype(x.dtype), ("batch", "seq", None)), aux
+        return sharding.constrain(self._residual(x, h), ("batch", "seq", None)), aux
 
     # ------------------------------------------------------------------ generation
     def prefill(self, x, lengths, max_len: int):
@@ -88,10 +100,12 @@ class Block(nnx.Module):
             h, cache = self.layer.prefill(h, lengths, max_len)
         elif self.symbol == "M":
             h, cache = self.layer.prefill(h, lengths)
+        elif self.symbol == "D":
+            h, cache = self.layer(h), {}
         else:
             valid = jnp.arange(x.shape[1], dtype=jnp.int32)[None, :] < lengths[:, None]
             (h, _), cache = self.layer(h, valid=valid), {}
-        return x + h.astype(x.dtype), cache
+        return self._residual(x, h), cache
 
     def prefill_chunk(self, x, cache, start, lengths, layer=None):
         """Positions start .. start + C - 1 of right-padded prompts, x (B, C, D), folded into this
@@ -104,10 +118,12 @@ class Block(nnx.Module):
         elif self.symbol == "M":
             h, own = self.layer.prefill(h, lengths, _own_cache(cache, layer), start)
             cache = _put_cache(cache, own, layer)
+        elif self.symbol == "D":
+            h, cache = self.layer(h), {}
         else:
             valid = start + jnp.arange(x.shape[1], dtype=jnp.int32)[None, :] < lengths[:, None]
             (h, _), cache = self.layer(h, valid=valid), {}
-        return x + h.astype(x.dtype), cache
+        return self._residual(x, h), cache
 
     def decode(self, x, cache, positions, layer=None):
         """One token per sequence: x (B, 1, D), positions (B,) -> (x', updated cache). `layer`:
@@ -120,9 +136,11 @@ class Block(nnx.Module):
         elif self.symbol == "M":
             h, own = self.layer.decode(h, _own_cache(cache, layer))
             cache = _put_cache(cache, own, layer)
+        elif self.symbol == "D":
+            h, cache = self.layer(h), {}
         else:
             (h, _), cache = self.layer(h), {}
-        return x + h.astype(x.dtype), cache
+        return self._residual(x, h), cache
 
 
 def _own_cache(cache, layer):
@@ -161,9 +179,15 @@ class TurbosModel(nnx.Module):
         self.final_norm = RMSNorm(
             (cfg.d_model,), ("embed",), eps=cfg.norm_eps, param_dtype=cfg.param_dtype, rngs=rngs
         )
-        self.lm_head = LMHead(cfg, rngs=rngs)
+        if not cfg.tie_embeddings:
+            self.lm_head = LMHead(cfg, rngs=rngs)
 
     # ------------------------------------------------------------------ helpers
+    def _head(self, live=lambda m: m):
+        """The LM head as a function (B, L, D) -> logits; `live` maps a module to the one to run
+        (generation dequantises it)."""
+        return live(self.embed).attend if self.cfg.tie_embeddings else live(self.lm_head)
+
     def _remat(self, fn):
         if self.cfg.remat_policy == "none":
             return fn
@@ -222,7 +246,7 @@ class TurbosModel(nnx.Module):
                 (x, aux), _ = period_body((x, aux), jax.tree.map(lambda a, i=i: a[i], states))
 
         x, aux = self._run(apply, unstacked(self.suffix), x, aux, segment_ids, positions)
-        logits = self.lm_head(self.final_norm(x))
+        logits = self._head()(self.final_norm(x))
         return logits, self._finish_aux(aux)
 
     # ------------------------------------------------------------------ generation
@@ -281,7 +305,7 @@ class TurbosModel(nnx.Module):
         for i, blk in enumerate(self.suffix):
             x, c = step(live(blk), x, get("suffix", i), None)
             out["suffix"].append(c)
-        return x, out, live(self.lm_head)
+        return x, out, self._head(live)
 
     def prefill(
         self,
@@ -338,7 +362,7 @@ class TurbosModel(nnx.Module):
             inside = (last >= start) & (last < start + chunk)
             return (layers, jnp.where(inside[:, None], logits, last_logits)), None
 
-        logits0 = jnp.zeros((b, self.cfg.vocab_size), jnp.float32)
+        logits0 = jnp.zeros((b, self.cfg.padded_vocab), jnp.float32)  # the LM head pads the vocab
         starts = jnp.arange(n, dtype=jnp.int32) * chunk
         (layers, logits), per_chunk = jax.lax.scan(body, (layers, logits0), (chunks, starts))
         cache = {"layers": layers, "lengths": lengths}

@@ -268,25 +268,38 @@ def check_mesh(
     """Divisibility of the model and batch by the mesh axes that shard them; one-line ConfigErrors.
 
     Every sharded dimension must divide evenly (there is no silent fallback to replication):
-    heads, KV heads, Mamba2 heads and groups, the expert and vocabulary sizes by `model`; experts by
+    heads, KV heads, Mamba2 heads and groups (unless one), the expert, shared-expert, dense-FFN and
+    (padded) vocabulary sizes by `model`; experts by
     `expert`; d_model (FSDP) by `data`; each microbatch (batch_size / grad_accum_steps) by
     `data * expert`.
     """
     if model_cfg is not None:
-        checks = (
-            (
-                "model",
-                ("num_heads", "num_kv_heads", "mamba_heads", "mamba_groups", "expert_dim", "vocab_size"),
-            ),
-            ("expert", ("num_experts",)),
-            ("data", ("d_model",)),
-        )
+        # Only the layer kinds the layout has (an imported pure-Mamba2 model has no experts).
+        layout = model_cfg.layout
+        model_keys = ["vocab_size"]
+        if "A" in layout:
+            model_keys += ["num_heads", "num_kv_heads"]
+        if "M" in layout:
+            model_keys.append("mamba_heads")
+            if model_cfg.mamba_groups > 1:  # a single group is replicated (layers/mamba2.py)
+                model_keys.append("mamba_groups")
+        if "F" in layout:
+            model_keys.append("expert_dim")
+            if model_cfg.shared_expert_dim:
+                model_keys.append("shared_expert_dim")
+        if "D" in layout:
+            model_keys.append("mlp_dim")
+        expert_keys = ("num_experts",) if "F" in layout else ()
+        checks = (("model", model_keys), ("expert", expert_keys), ("data", ("d_model",)))
         for axis, keys in checks:
             for key in keys:
-                v = getattr(model_cfg, key)
+                # The vocabulary is padded to a multiple of config.model.vocab_multiple.
+                v = model_cfg.padded_vocab if key == "vocab_size" else getattr(model_cfg, key)
                 if v % shape[axis]:
+                    hint = " (padded by vocab_multiple)" if key == "vocab_size" else ""
                     raise ConfigError(
-                        f"config.model.{key}={v!r}: must be divisible by config.mesh.{axis}={shape[axis]}"
+                        f"config.model.{key}={getattr(model_cfg, key)!r}{hint}: must be divisible by "
+                        f"config.mesh.{axis}={shape[axis]}"
                     )
     if batch_size is not None:
         n = shape["data"] * shape["expert"]

@@ -68,6 +68,7 @@ def attention_forward(
     rope_theta: float,
     rope_alpha: float,
     eps: float = 1e-5,
+    qk_norm: str = "after_rope",
 ) -> np.ndarray:
     """x (B, L, D), segment_ids (B, L) -> (B, L, D), float64."""
     x = _f64(x)
@@ -84,10 +85,12 @@ def attention_forward(
             q = x[b] @ w["q_proj"][:, i, :]  # (L, Dh)
             k = x[b] @ w["k_proj"][:, kvh, :]
             v = x[b] @ w["v_proj"][:, kvh, :]
-            q = rms_norm(q, w["q_norm"], eps)
-            k = rms_norm(k, w["k_norm"], eps)
+            if qk_norm == "before_rope":
+                q, k = rms_norm(q, w["q_norm"], eps), rms_norm(k, w["k_norm"], eps)
             q = np.stack([rope(q[t], pos[b, t], rope_theta, rope_alpha) for t in range(length)])
             k = np.stack([rope(k[t], pos[b, t], rope_theta, rope_alpha) for t in range(length)])
+            if qk_norm == "after_rope":
+                q, k = rms_norm(q, w["q_norm"], eps), rms_norm(k, w["k_norm"], eps)
             out = np.zeros((length, dh))
             for t in range(length):
                 visible = [s for s in range(t + 1) if seg[b, s] == seg[b, t]]

@@ -1,4 +1,5 @@
-"""Tokenizers: `config.data.tokenizer` is "bytes", a SentencePiece `.model` or a tokenizer.json.
+"""Tokenizers: `config.data.tokenizer` is "bytes", "embedded_bpe", a SentencePiece `.model` or a
+tokenizer.json.
 
 Each exposes `name` (the config value), `vocab_size`, `eos_id` (int or None), `encode(str) ->
 list[int]` and `decode(ids) -> str`. `encode` never adds special tokens; the pipeline appends
@@ -9,6 +10,14 @@ ByteTokenizer (the default): ids are the UTF-8 bytes, vocab 256, no special toke
 no EOS: every id is a byte, which the tiny model's vocab_size 256 requires); documents are
 delimited by segment ids alone. `decode` replaces bytes that do not form UTF-8 (a document cut
 mid-character).
+
+"embedded_bpe" (configs/small.py): a byte-level BPE of 8,192 ids ("<|endoftext|>" = id 0, its EOS;
+the 256 byte symbols; 7,935 merged subwords) trained with HF `tokenizers` on the embedded corpus
+(`pydoc_data.topics`, ~465 KB; ~4.5 bytes per token). That corpus holds only ~9,200 distinct
+merges, so 8,192 is about the largest vocabulary it fills. The file ships in the package
+(`embedded_bpe.json`, written by `train_embedded_bpe().save(EMBEDDED_BPE_PATH, pretty=False)` in
+0.3 s on Python 3.11) rather than being trained on first use: the corpus text changes between
+Python versions, and a checkpoint must keep its tokenizer.
 
 The SentencePiece and Hugging Face loaders import `sentencepiece` / `tokenizers` lazily, so neither
 package is needed unless such a tokenizer is configured. Loaded tokenizers pickle by path (reloaded
@@ -21,6 +30,9 @@ import os
 
 from turbos_jax.data.sources import DataError
 
+EMBEDDED_BPE = "embedded_bpe"
+EMBEDDED_BPE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded_bpe.json")
+EMBEDDED_BPE_VOCAB = 8192
 # Token strings tried, in order, as the EOS of a HF tokenizer.json (the format has no EOS field).
 HF_EOS_TOKENS = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>", "[EOS]")
 
@@ -74,10 +86,11 @@ class SentencePieceTokenizer:
 
 
 class HFTokenizer:
-    """A Hugging Face `tokenizer.json` (needs the `tokenizers` package)."""
+    """A Hugging Face `tokenizer.json` (needs the `tokenizers` package); `name` defaults to the path."""
 
-    def __init__(self, path: str):
-        self.name = self.path = path
+    def __init__(self, path: str, name: str | None = None):
+        self.path = path
+        self.name = path if name is None else name
         try:
             import tokenizers
         except ImportError:
@@ -101,21 +114,51 @@ class HFTokenizer:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def __getstate__(self):
-        return {"path": self.path}
+        return {"path": self.path, "name": self.name}
 
     def __setstate__(self, state):
-        self.__init__(state["path"])
+        self.__init__(state["path"], state["name"])
+
+
+def train_embedded_bpe(vocab_size: int = EMBEDDED_BPE_VOCAB):
+    """A byte-level BPE `tokenizers.Tokenizer` trained on the embedded corpus (deterministic).
+
+    1. Pre-tokenize GPT-2 style (ByteLevel: UTF-8 bytes mapped to 256 printable symbols, split at
+       word/space/punctuation boundaries), so any text encodes and decodes losslessly.
+    2. Start from all 256 byte symbols plus "<|endoftext|>" and merge the most frequent adjacent
+       pair until `vocab_size` ids exist (or the corpus has no pair left)."""
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from turbos_jax.data.sources import EmbeddedSource
+
+    source = EmbeddedSource()
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=1,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+    )
+    tok.train_from_iterator((source[i] for i in range(len(source))), trainer, length=len(source))
+    return tok
 
 
 def load_tokenizer(spec: str):
-    """`config.data.tokenizer`: "bytes", or a SentencePiece `.model` / tokenizer.json path."""
+    """`config.data.tokenizer`: "bytes", "embedded_bpe", or a SentencePiece `.model` / tokenizer.json
+    path."""
     if spec == "bytes":
         return ByteTokenizer()
+    if spec == EMBEDDED_BPE:
+        return HFTokenizer(EMBEDDED_BPE_PATH, name=EMBEDDED_BPE)
     path = os.path.expanduser(str(spec))
     if not os.path.isfile(path):
         raise DataError(
-            f'config.data.tokenizer={spec!r}: no such file (expected "bytes", a '
-            "SentencePiece .model or a HF tokenizer.json)"
+            f'config.data.tokenizer={spec!r}: no such file (expected "bytes", "{EMBEDDED_BPE}", '
+            "a SentencePiece .model or a HF tokenizer.json)"
         )
     if path.endswith(".model"):
         return SentencePieceTokenizer(path)

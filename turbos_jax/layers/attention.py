@@ -5,10 +5,16 @@ KV head, Dh head_dim, D d_model.
 
 Algorithm:
   1. q = x Wq (B, L, H, Dh); k, v = x Wk, x Wv (B, S, K, Dh).
-  2. QK-norm: RMSNorm over Dh of every q and k head (one scale vector shared by all heads).
-  3. RoPE on q and k at each token's position within its own document (positions restart per packed
-     segment), with base theta * alpha ** (Dh / (Dh - 2)) -- NTK-aware scaling, alpha = 1 at 4K.
-  4. out = softmax(q k^T / sqrt(Dh)) v with fp32 logits; a key is visible iff it is not in the future
+  2. RoPE on q and k at each token's position within its own document (positions restart per packed
+     segment), with base theta * alpha ** (Dh / (Dh - 2)) -- NTK-aware scaling, alpha = 1 at 4K;
+     skipped with position_encoding = "none" (NoPE).
+  3. QK-norm: RMSNorm over Dh of every q and k head (one scale vector shared by all heads), after
+     RoPE (cfg.qk_norm = "after_rope", as every public Hunyuan model), before it, or not at all.
+     With a learned scale the order matters: RMS is rotation-invariant but a per-channel scale does
+     not commute with the rotation.
+  4. out = softmax(s q k^T) v with fp32 logits, s = cfg.attention_scale (Dh^-1/2 unless
+     cfg.attn_scale is set; the kernels scale by Dh^-1/2, so q is pre-multiplied by s * sqrt(Dh)
+     when they differ); a key is visible iff it is not in the future
      and belongs to the same segment as the query. Full sequences (training, prefill) run
      `pallas_kernels.attention` (blockwise, no L x S scores; `kernel_impl` picks the reference or the
      platform kernel); decode steps and prefill chunks attend over the filled blocks of the KV
@@ -47,7 +53,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 
 class Attention(nnx.Module):
     """GQA self-attention. Parameters: q_proj (D, H, Dh), k_proj/v_proj (D, K, Dh), o_proj (H, Dh, D),
-    q_norm/k_norm scale (Dh,)."""
+    q_norm/k_norm scale (Dh,) (absent with qk_norm = "none")."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -58,13 +64,33 @@ class Attention(nnx.Module):
         self.k_proj = p((d, k, dh), ("embed", "kv_heads", None))
         self.v_proj = p((d, k, dh), ("embed", "kv_heads", None))
         self.o_proj = p((h, dh, d), ("heads", None, "embed"))
-        norm = dict(eps=cfg.norm_eps, param_dtype=cfg.param_dtype, rngs=rngs)
-        self.q_norm = RMSNorm((dh,), (None,), **norm)
-        self.k_norm = RMSNorm((dh,), (None,), **norm)
+        if cfg.qk_norm != "none":
+            norm = dict(eps=cfg.norm_eps, param_dtype=cfg.param_dtype, rngs=rngs)
+            self.q_norm = RMSNorm((dh,), (None,), **norm)
+            self.k_norm = RMSNorm((dh,), (None,), **norm)
+
+    def _position_and_norm(self, q: jax.Array, k: jax.Array, rope_positions: jax.Array):
+        """Steps 2-3 in the configured order, and the q pre-scale of step 4."""
+        cfg = self.cfg
+        rope = lambda u: u
+        if cfg.position_encoding == "rope":
+            inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_alpha)
+            rope = lambda u: apply_rope(u, rope_positions, inv_freq)
+        if cfg.qk_norm == "before_rope":
+            q, k = rope(self.q_norm(q)), rope(self.k_norm(k))
+        elif cfg.qk_norm == "after_rope":
+            q, k = self.q_norm(rope(q)), self.k_norm(rope(k))
+        else:
+            q, k = rope(q), rope(k)
+        ratio = cfg.attention_scale * cfg.head_dim**0.5
+        if ratio != 1.0:
+            q = (q.astype(jnp.float32) * ratio).astype(q.dtype)
+        return q, k
 
     def project_qkv(self, x: jax.Array, rope_positions: jax.Array):
-        """Steps 1-3: normalised, rotated q (B, L, H, Dh) and k, v (B, L, K, Dh)."""
-        cfg, dt = self.cfg, self.cfg.dtype
+        """Steps 1-3: normalised, rotated q (B, L, H, Dh) (pre-scaled for step 4) and k, v
+        (B, L, K, Dh)."""
+        dt = self.cfg.dtype
         x = x.astype(dt)
         q = jnp.einsum("bld,dhk->blhk", x, self.q_proj[...].astype(dt))
         k = jnp.einsum("bld,dhk->blhk", x, self.k_proj[...].astype(dt))
@@ -72,9 +98,7 @@ class Attention(nnx.Module):
         q = sharding.constrain(q, ("batch", "seq", "heads", None))
         k = sharding.constrain(k, ("batch", "seq", "kv_heads", None))
         v = sharding.constrain(v, ("batch", "seq", "kv_heads", None))
-        inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_alpha)
-        q = apply_rope(self.q_norm(q), rope_positions, inv_freq)
-        k = apply_rope(self.k_norm(k), rope_positions, inv_freq)
+        q, k = self._position_and_norm(q, k, rope_positions)
         return q, k, v
 
     def attend_sequence(self, q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) -> jax.Array:

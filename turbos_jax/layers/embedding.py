@@ -1,4 +1,9 @@
-"""Token embedding and the (untied) language-model head."""
+"""Token embedding and the language-model head (untied, or tied to the embedding table).
+
+Both use `cfg.padded_vocab` rows/columns (vocab_size rounded up to vocab_multiple); the logits of
+the padding columns are set to the most negative fp32 value, so they are never sampled and add
+nothing to a softmax (and, unlike -inf, never make 0 * logit a NaN).
+"""
 
 from __future__ import annotations
 
@@ -10,33 +15,58 @@ from turbos_jax import sharding
 from turbos_jax.config import ModelConfig
 
 
+def finish_logits(logits: jax.Array, cfg: ModelConfig) -> jax.Array:
+    """fp32 logits (..., padded_vocab) x cfg.logits_scale, padding columns masked."""
+    if cfg.logits_scale != 1.0:
+        logits = logits * cfg.logits_scale
+    if cfg.padded_vocab != cfg.vocab_size:
+        real = jnp.arange(cfg.padded_vocab) < cfg.vocab_size
+        logits = jnp.where(real, logits, jnp.finfo(jnp.float32).min)
+    return sharding.constrain(logits, ("batch", "seq", "vocab"))
+
+
 class Embed(nnx.Module):
-    """tokens (B, L) int32 -> (B, L, d_model) in cfg.dtype; table `embedding` (vocab, d_model)."""
+    """tokens (B, L) int32 -> (B, L, d_model) in cfg.dtype, times cfg.embedding_scale; table
+    `embedding` (padded_vocab, d_model). `attend` is the tied LM head."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
         self.dtype = cfg.dtype
         init = nnx.initializers.truncated_normal(stddev=cfg.init_std)
         self.embedding = sharding.param(
-            init, rngs.params(), (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.param_dtype
+            init, rngs.params(), (cfg.padded_vocab, cfg.d_model), ("vocab", "embed"), cfg.param_dtype
         )
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        x = jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
-        return sharding.constrain(x, ("batch", "seq", None))
+        x = jnp.take(self.embedding[...], tokens, axis=0)
+        if self.cfg.embedding_scale != 1.0:
+            x = x.astype(jnp.float32) * self.cfg.embedding_scale
+        return sharding.constrain(x.astype(self.dtype), ("batch", "seq", None))
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Tied LM head: (B, L, d_model) -> logits (B, L, vocab) fp32 = x @ embedding^T."""
+        logits = jnp.einsum(
+            "bld,vd->blv",
+            x.astype(self.dtype),
+            self.embedding[...].astype(self.dtype),
+            preferred_element_type=jnp.float32,
+        )
+        return finish_logits(logits, self.cfg)
 
 
 class LMHead(nnx.Module):
-    """(B, L, d_model) -> logits (B, L, vocab) in fp32; kernel `kernel` (d_model, vocab).
+    """(B, L, d_model) -> logits (B, L, vocab) in fp32; kernel `kernel` (d_model, padded_vocab).
 
     The matmul runs in cfg.dtype with fp32 accumulation, so bf16 models do not round the logits the
     softmax cross-entropy sees.
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
         self.dtype = cfg.dtype
         init = nnx.initializers.truncated_normal(stddev=cfg.init_std)
         self.kernel = sharding.param(
-            init, rngs.params(), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.param_dtype
+            init, rngs.params(), (cfg.d_model, cfg.padded_vocab), ("embed", "vocab"), cfg.param_dtype
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -46,4 +76,4 @@ class LMHead(nnx.Module):
             self.kernel[...].astype(self.dtype),
             preferred_element_type=jnp.float32,
         )
-        return sharding.constrain(logits, ("batch", "seq", "vocab"))
+        return finish_logits(logits, self.cfg)

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import by_platform
 from pallas_kernels import moe as moe_ops
+from turbos_jax.layers.mlp import activate
 
 
 def _exclusive_cumsum(x, axis=-1):
@@ -79,8 +80,8 @@ def dropless_experts(
     """Steps 1-5 of the module docstring for one device.
 
     x (T, d) local tokens; ids, gates (T, k); wg, wu (El, d, Fm) and wo (El, Fm, d) this shard's
-    experts (Fm = F / model), already in the compute dtype. Returns (T, d) in x's dtype: the
-    routed experts' output.
+    experts (Fm = F / model), already in the compute dtype; wg is None for relu2 experts. Returns
+    (T, d) in x's dtype: the routed experts' output.
     """
     t, k = ids.shape
     el = num_experts // ep
@@ -105,9 +106,8 @@ def dropless_experts(
     local = jnp.where(seg < ep * el, seg % el, el)[:, None]  # [buf, 1]; el = "no expert"
     order2, sizes2 = moe_ops.sort_by_expert(local, el)  # [buf], [El]
     xr = moe_ops.permute(received, order2, 1, impl=impl)  # [buf, d]
-    h = jax.nn.silu(moe_ops.grouped_matmul(xr, wg, sizes2, impl=impl)) * moe_ops.grouped_matmul(
-        xr, wu, sizes2, impl=impl
-    )  # [buf, Fm]
+    hg = None if wg is None else moe_ops.grouped_matmul(xr, wg, sizes2, impl=impl)
+    h = activate(hg, moe_ops.grouped_matmul(xr, wu, sizes2, impl=impl))  # [buf, Fm]
     yr = moe_ops.grouped_matmul(h, wo, sizes2, impl=impl)  # [buf, d]
     if model_axis is not None:
         yr = jax.lax.psum(yr, model_axis)

@@ -19,6 +19,10 @@ array, so tensor parallelism can shard heads and groups without cutting across p
   conv1d.{x, B, C}: (K, H, P) / (K, G, N), conv1d.{x_bias, B_bias, C_bias}: (H, P) / (G, N)
   dt_bias, A_log, D: (H,); norm.scale: (H, P) (= norm.weight reshaped); out_proj: (H, P, D).
 Converting a mamba_ssm checkpoint is a split of the fused rows in that order and a transpose.
+
+Tensor parallelism shards heads and groups over `model`. With a single group (Granite-4.0-H) the
+group axis of B, C and their conv taps is replicated instead (every head shard needs that group),
+and the gated norm's statistics over all heads become a cross-shard mean, which GSPMD inserts.
 """
 
 from __future__ import annotations
@@ -80,6 +84,11 @@ def causal_depthwise_conv(
     return out.astype(u.dtype)
 
 
+def _group_axis(cfg: ModelConfig) -> str | None:
+    """Logical name of the SSM-group axis: sharded like KV heads, replicated for a single group."""
+    return None if cfg.mamba_groups == 1 else "kv_heads"
+
+
 class Mamba2(nnx.Module):
     """Mamba2 mixer: (B, L, D) -> (B, L, D). See the module docstring for layouts."""
 
@@ -91,20 +100,21 @@ class Mamba2(nnx.Module):
         proj = nnx.initializers.truncated_normal(stddev=cfg.init_std)
         conv = _conv_init(k)
         par = lambda init, shape, names: sharding.param(init, rngs.params(), shape, names, pd)
+        grp = _group_axis(cfg)
         self.in_proj = nnx.Dict(
             z=par(proj, (d, h, p), ("embed", "heads", None)),
             x=par(proj, (d, h, p), ("embed", "heads", None)),
-            B=par(proj, (d, g, n), ("embed", "kv_heads", None)),
-            C=par(proj, (d, g, n), ("embed", "kv_heads", None)),
+            B=par(proj, (d, g, n), ("embed", grp, None)),
+            C=par(proj, (d, g, n), ("embed", grp, None)),
             dt=par(proj, (d, h), ("embed", "heads")),
         )
         self.conv1d = nnx.Dict(
             x=par(conv, (k, h, p), (None, "heads", None)),
-            B=par(conv, (k, g, n), (None, "kv_heads", None)),
-            C=par(conv, (k, g, n), (None, "kv_heads", None)),
+            B=par(conv, (k, g, n), (None, grp, None)),
+            C=par(conv, (k, g, n), (None, grp, None)),
             x_bias=par(conv, (h, p), ("heads", None)),
-            B_bias=par(conv, (g, n), ("kv_heads", None)),
-            C_bias=par(conv, (g, n), ("kv_heads", None)),
+            B_bias=par(conv, (g, n), (grp, None)),
+            C_bias=par(conv, (g, n), (grp, None)),
         )
         self.dt_bias = par(_dt_bias_init, (h,), ("heads",))
         self.A_log = par(_a_log_init, (h,), ("heads",))
@@ -173,9 +183,10 @@ class Mamba2(nnx.Module):
 
         if impl == "pallas":  # GSPMD cannot split a kernel: each device scans its rows and heads
             act, per_head = ("batch", "seq", "heads", None), ("heads",)
+            grp = ("batch", "seq", _group_axis(cfg), None)
             scan = sharding.manual_over_mesh(
                 scan,
-                (act, ("batch", "seq", "heads"), per_head, act, act, per_head, per_head, ("batch", "seq")),
+                (act, ("batch", "seq", "heads"), per_head, grp, grp, per_head, per_head, ("batch", "seq")),
                 act,
             )
         y = scan(xs, dts, a, b, c, d_skip, dt_bias, segment_ids)

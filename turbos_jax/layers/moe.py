@@ -1,13 +1,18 @@
-"""Mixture-of-Experts SwiGLU feed-forward: one shared expert plus top-k of E routed experts.
+"""Mixture-of-Experts feed-forward: one shared expert plus top-k of E routed experts.
 
 TurboS: E = 32 routed experts, top-2, 1 shared expert, each of intermediate size F = 17,024.
-`y = shared(x) + sum_j gate_j * expert_{e_j}(x)`, with `expert(x) = (silu(x Wg) * (x Wu)) Wo`.
+`y = shared(x) + sum_j gate_j * expert_{e_j}(x)`, with `expert(x) = (silu(x Wg) * (x Wu)) Wo`
+(cfg.expert_activation "swiglu"), or `relu(x Wu)^2 Wo` ("relu2": no Wg; Nemotron-3). The shared
+expert has width cfg.shared_width and the same activation.
 
 Routing, per token (router math in float32):
   1. logits = x @ W_router                       # [B, L, E]
-  2. probs = softmax(logits)                     # [B, L, E]
-  3. (top_p, ids) = top_k(probs, k)              # [B, L, K]
-  4. gates = top_p / sum_j top_p                 # [B, L, K], renormalised to sum to 1.
+  2. probs = softmax(logits), or sigmoid(logits) with cfg.router_score "sigmoid"   # [B, L, E]
+  3. ids = top_k(probs + bias, k), top_p = probs at ids   # [B, L, K]. The bias (cfg.router_bias,
+     a per-expert `router_bias` parameter the gradient never reaches) steers the choice only
+     (aux-loss-free balancing, as DeepSeek-V3 and Nemotron-3's e_score_correction_bias).
+  4. gates = top_p / sum_j top_p                 # [B, L, K], renormalised to sum to 1
+     (cfg.renorm_topk), then x cfg.routed_scale.
      The report does not say whether the top-k probabilities are renormalised; we follow GShard's
      top-2 gating, which does, so the routed part of the output keeps unit total weight whatever
      the router's confidence (with k = 1 the gate is then always 1 and the router learns only from
@@ -64,39 +69,15 @@ import pallas_kernels
 from pallas_kernels import moe as moe_ops
 from turbos_jax.config import ModelConfig
 from turbos_jax.layers import expert_parallel
+from turbos_jax.layers.mlp import activate, swiglu  # noqa: F401 (swiglu re-exported)
 from turbos_jax.sharding import constrain, param
 
 AUX_KEYS = ("moe_lb_loss", "moe_z_loss", "moe_dropped_fraction", "moe_expert_load")
 
 
-@jax.custom_vjp
-def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
-    """silu(gate) * up, with a hand-written backward.
-
-    Autodiff of silu * up saves and re-derives more intermediates than needed; this keeps
-    sigmoid(gate) from the forward and forms both input gradients in one elementwise pass
-    (measured on XLA:CPU, tiny config: MoE layer forward + backward -7 %).
-    """
-    return jax.nn.silu(gate) * up
-
-
-def _swiglu_fwd(gate, up):
-    s = jax.nn.sigmoid(gate)
-    return gate * s * up, (gate, up, s)
-
-
-def _swiglu_bwd(res, g):
-    gate, up, s = res
-    act = gate * s  # silu(gate); d silu / d gate = s + silu * (1 - s)
-    return g * up * (s + act * (1 - s)), g * act
-
-
-swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
-
-
 def _capacity_experts(xe, wg, wu, wo, constrain_hidden: bool = False):
-    """SwiGLU experts over capacity buffers: xe (E, G, C, D), wg/wu (E, D, F), wo (E, F, D) ->
-    (E, G, C, D).
+    """Experts over capacity buffers: xe (E, G, C, D), wg/wu (E, D, F) (wg None for relu2),
+    wo (E, F, D) -> (E, G, C, D).
 
     The (G, C) slots are merged into one row axis first, so every einsum is a plain batched matmul
     (E, G*C, .) with one contracting dim: with two free row dims XLA:CPU transposes the (E, G, C, F)
@@ -105,29 +86,34 @@ def _capacity_experts(xe, wg, wu, wo, constrain_hidden: bool = False):
     """
     e, g, c, d = xe.shape
     x2 = xe.reshape(e, g * c, d)  # [E, G*C, D]
-    hg = jnp.einsum("emd,edf->emf", x2, wg)  # [E, G*C, F]
+    hg = None if wg is None else jnp.einsum("emd,edf->emf", x2, wg)  # [E, G*C, F]
     hu = jnp.einsum("emd,edf->emf", x2, wu)  # [E, G*C, F]
-    h = swiglu(hg, hu)
+    h = activate(hg, hu)
     if constrain_hidden:
         h = constrain(h, ("expert", "batch", "mlp"))
     return jnp.einsum("emf,efd->emd", h, wo).reshape(e, g, c, d)  # [E, G, C, D]
 
 
 class MoEFFN(nnx.Module):
-    """Shared + routed SwiGLU experts: `__call__(x, valid=None) -> (y, aux)`, see the module doc."""
+    """Shared + routed experts: `__call__(x, valid=None) -> (y, aux)`, see the module doc."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         d, e, f = cfg.d_model, cfg.num_experts, cfg.expert_dim
         init = nnx.initializers.truncated_normal(stddev=cfg.init_std)
         pd = cfg.param_dtype
+        gated = cfg.expert_activation == "swiglu"
         self.router = param(init, rngs.params(), (d, e), ("embed", None), pd)
-        self.wi_gate = param(init, rngs.params(), (e, d, f), ("expert", "embed", "mlp"), pd)
+        if cfg.router_bias:
+            self.router_bias = param(nnx.initializers.zeros, rngs.params(), (e,), (None,), pd)
+        if gated:
+            self.wi_gate = param(init, rngs.params(), (e, d, f), ("expert", "embed", "mlp"), pd)
         self.wi_up = param(init, rngs.params(), (e, d, f), ("expert", "embed", "mlp"), pd)
         self.wo = param(init, rngs.params(), (e, f, d), ("expert", "mlp", "embed"), pd)
         if cfg.num_shared_experts > 0:
-            fs = cfg.num_shared_experts * f
-            self.shared_gate = param(init, rngs.params(), (d, fs), ("embed", "mlp"), pd)
+            fs = cfg.shared_width
+            if gated:
+                self.shared_gate = param(init, rngs.params(), (d, fs), ("embed", "mlp"), pd)
             self.shared_up = param(init, rngs.params(), (d, fs), ("embed", "mlp"), pd)
             self.shared_down = param(init, rngs.params(), (fs, d), ("mlp", "embed"), pd)
 
@@ -142,9 +128,23 @@ class MoEFFN(nnx.Module):
             self.router[...].astype(jnp.float32),
             precision=jax.lax.Precision.HIGHEST,
         )  # [B, L, E]
-        probs = jax.nn.softmax(logits, axis=-1)  # [B, L, E]
-        top_p, ids = jax.lax.top_k(probs, k)  # [B, L, K]
-        gates = top_p / jnp.sum(top_p, axis=-1, keepdims=True)  # [B, L, K]
+        if cfg.router_score == "softmax":
+            probs = jax.nn.softmax(logits, axis=-1)  # [B, L, E]
+        else:
+            probs = jax.nn.sigmoid(logits)  # [B, L, E]
+        if cfg.router_bias:
+            bias = jax.lax.stop_gradient(self.router_bias[...].astype(jnp.float32))
+            _, ids = jax.lax.top_k(probs + bias, k)  # [B, L, K]
+            top_p = jnp.take_along_axis(probs, ids, axis=-1)  # [B, L, K]
+        else:
+            top_p, ids = jax.lax.top_k(probs, k)  # [B, L, K]
+        gates = top_p
+        if cfg.renorm_topk:
+            gates = top_p / jnp.sum(top_p, axis=-1, keepdims=True)  # [B, L, K]
+        if cfg.routed_scale != 1.0:
+            gates = gates * cfg.routed_scale
+        if cfg.router_score == "sigmoid":  # P_e of the balance statistic: scores summing to 1
+            probs = probs / jnp.sum(probs, axis=-1, keepdims=True)
         gates = jnp.where(valid[..., None], gates, 0.0)
         ids = jnp.where(valid[..., None], ids, e).astype(jnp.int32)  # E = "no expert"
 
@@ -162,16 +162,23 @@ class MoEFFN(nnx.Module):
         return ids, gates, aux, n_valid
 
     # ------------------------------------------------------------------------------------- experts
+    def _weights(self):
+        """(wi_gate or None for relu2, wi_up, wo) in the compute dtype."""
+        dt = self.cfg.dtype
+        wg = self.wi_gate[...].astype(dt) if self.cfg.expert_activation == "swiglu" else None
+        return wg, self.wi_up[...].astype(dt), self.wo[...].astype(dt)
+
     def _shared(self, x: jax.Array) -> jax.Array:
         dt = self.cfg.dtype
-        h = swiglu(x @ self.shared_gate[...].astype(dt), x @ self.shared_up[...].astype(dt))
+        gate = x @ self.shared_gate[...].astype(dt) if self.cfg.expert_activation == "swiglu" else None
+        h = activate(gate, x @ self.shared_up[...].astype(dt))
         h = constrain(h, ("batch", "seq", "mlp"))
         return h @ self.shared_down[...].astype(dt)
 
     def _capacity(self, x, ids, gates, valid, n_valid, impl):
         cfg = self.cfg
         b, l, _ = x.shape
-        e, dt = cfg.num_experts, cfg.dtype
+        e = cfg.num_experts
         c = cfg.capacity(l)
         pos = moe_ops.capacity_positions(ids, e)  # [G, S, K]
         kept = (pos >= 0) & (pos < c)  # [G, S, K]
@@ -183,8 +190,7 @@ class MoEFFN(nnx.Module):
             return self._capacity_expert_parallel(mesh, x, ids, pos, gates, c, impl), dropped
         xe = moe_ops.capacity_dispatch(x, ids, pos, c, e, impl=impl)  # [E, G, C, D]
         xe = constrain(xe, ("expert", "batch", None, None))
-        w = (self.wi_gate[...].astype(dt), self.wi_up[...].astype(dt), self.wo[...].astype(dt))
-        ye = _capacity_experts(xe, *w, constrain_hidden=True)  # [E, G, C, D]
+        ye = _capacity_experts(xe, *self._weights(), constrain_hidden=True)  # [E, G, C, D]
         ye = constrain(ye, ("expert", "batch", None, None))
         y = moe_ops.capacity_combine(ye, ids, pos, gates, c, impl=impl)  # [G, S, D]
         return y, dropped
@@ -222,7 +228,7 @@ class MoEFFN(nnx.Module):
         Weights enter gathered over `data` (FSDP) and sharded (expert, -, model).
         """
         cfg = self.cfg
-        e, dt = cfg.num_experts, cfg.dtype
+        e = cfg.num_experts
         names = set(mesh.axis_names)
         batch_axes = tuple(a for a in ("data", "expert") if a in names)
         model = "model" if "model" in names else None
@@ -239,15 +245,7 @@ class MoEFFN(nnx.Module):
 
         w_in, w_out = P("expert", None, model), P("expert", model, None)
         fn = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, tok, w_in, w_in, w_out), out_specs=tok)
-        return fn(
-            x,
-            ids,
-            pos,
-            gates,
-            self.wi_gate[...].astype(dt),
-            self.wi_up[...].astype(dt),
-            self.wo[...].astype(dt),
-        )
+        return fn(x, ids, pos, gates, *self._weights())
 
     def _dropless_expert_parallel(self, mesh, x, ids, gates, impl):
         """Dropless experts with the mesh axes manual: -> y (B, L, D).
@@ -258,7 +256,6 @@ class MoEFFN(nnx.Module):
         over `model`, and the inverse all-to-all brings the rows home for the gate-weighted sum.
         """
         cfg = self.cfg
-        dt = cfg.dtype
         names = set(mesh.axis_names)
         batch_axes = tuple(a for a in ("data", "expert") if a in names)
         model = "model" if "model" in names else None
@@ -284,24 +281,23 @@ class MoEFFN(nnx.Module):
         fn = jax.shard_map(
             body, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out), out_specs=tok, check_vma=False
         )
-        return fn(
-            x, ids, gates, self.wi_gate[...].astype(dt), self.wi_up[...].astype(dt), self.wo[...].astype(dt)
-        )
+        return fn(x, ids, gates, *self._weights())
 
     def _dropless(self, x, ids, gates, impl):
         cfg = self.cfg
         b, l, d = x.shape
-        k, e, dt = cfg.top_k, cfg.num_experts, cfg.dtype
+        k, e = cfg.top_k, cfg.num_experts
         mesh = self._expert_parallel_mesh(b, kernels=impl == "pallas")
         if mesh is not None:
             return self._dropless_expert_parallel(mesh, x, ids, gates, impl)
         xt = x.reshape(b * l, d)  # [T, D]
         order, sizes = moe_ops.sort_by_expert(ids.reshape(b * l, k), e)  # [T*K], [E]
         xs = moe_ops.permute(xt, order, k, impl=impl)  # [T*K, D]
-        hg = moe_ops.grouped_matmul(xs, self.wi_gate[...].astype(dt), sizes, impl=impl)
-        hu = moe_ops.grouped_matmul(xs, self.wi_up[...].astype(dt), sizes, impl=impl)
-        h = swiglu(hg, hu)  # [T*K, F]
-        ys = moe_ops.grouped_matmul(h, self.wo[...].astype(dt), sizes, impl=impl)  # [T*K, D]
+        wg, wu, wo = self._weights()
+        hg = None if wg is None else moe_ops.grouped_matmul(xs, wg, sizes, impl=impl)
+        hu = moe_ops.grouped_matmul(xs, wu, sizes, impl=impl)
+        h = activate(hg, hu)  # [T*K, F]
+        ys = moe_ops.grouped_matmul(h, wo, sizes, impl=impl)  # [T*K, D]
         y = moe_ops.unpermute(ys, order, gates.reshape(b * l, k), impl=impl)  # [T, D]
         return y.reshape(b, l, d)
 
