@@ -47,7 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
     mesh.data = -1  # data parallel + FSDP (parameters' d_model dimension)
     mesh.expert = 8  # expert parallel: routed experts split, batch also split over it
     mesh.model = 8  # tensor parallel: heads, KV heads, Mamba2 groups, expert width, vocab
-    mesh.context = 1  # reserved for context (sequence) parallelism; must be 1
+    mesh.context = 1  # context parallelism: each sequence split in this many shards (seq_len % context == 0)
 
     # --- data (turbos_jax/data): sources, tokenizer, mixture phases
     d = config.data = ml_collections.ConfigDict()
@@ -108,6 +108,10 @@ def get_config() -> ml_collections.ConfigDict:
     m.mamba_chunk = 128  # chunk length of the chunked (SSD) scan
     m.mamba_conv = 4  # depthwise causal conv kernel width
     m.mamba_dt_limit = (0.0, float("inf"))  # clamp of softplus(dt + dt_bias)
+    # Context parallelism (mesh.context > 1): how each sequence shard gets the SSM state entering it.
+    # "parallel": one all-gather of every shard's (final state, total decay), then a local prefix;
+    # "sequential": the state is passed rank to rank (context - 1 ppermutes). Same results.
+    m.mamba_cp_scheme = "parallel"
     # --- Mixture-of-Experts FFN (SwiGLU experts)
     m.num_experts = 32  # routed experts
     m.top_k = 2  # routed experts per token

@@ -50,20 +50,23 @@ def test_layer_structure_and_shapes(cfg, abstract):
     assert abstract.embed.embedding.shape == (131_072, 5120)
 
 
+FSDP = ("data", "context")  # d_model's mesh axes (sharding.PARAM_RULES)
+
+
 def test_partition_specs(abstract):
     specs = sharding.param_specs(nnx.state(abstract, nnx.Param))
     stack = specs["period"]
-    assert stack[1]["layer"]["wi_gate"] == P(None, "expert", "data", "model")
-    assert stack[1]["layer"]["wo"] == P(None, "expert", "model", "data")
-    assert stack[1]["layer"]["router"] == P(None, "data", None)
-    assert stack[0]["layer"]["q_proj"] == P(None, "data", "model", None)
-    assert stack[0]["layer"]["k_proj"] == P(None, "data", "model", None)
-    assert stack[2]["layer"]["in_proj"]["B"] == P(None, "data", "model", None)
+    assert stack[1]["layer"]["wi_gate"] == P(None, "expert", FSDP, "model")
+    assert stack[1]["layer"]["wo"] == P(None, "expert", "model", FSDP)
+    assert stack[1]["layer"]["router"] == P(None, FSDP, None)
+    assert stack[0]["layer"]["q_proj"] == P(None, FSDP, "model", None)
+    assert stack[0]["layer"]["k_proj"] == P(None, FSDP, "model", None)
+    assert stack[2]["layer"]["in_proj"]["B"] == P(None, FSDP, "model", None)
     assert stack[2]["layer"]["conv1d"]["x"] == P(None, None, "model", None)
-    assert stack[2]["norm"]["scale"] == P(None, "data")
+    assert stack[2]["norm"]["scale"] == P(None, FSDP)
     assert specs["suffix"][0]["layer"]["dt_bias"] == P("model")
-    assert specs["embed"]["embedding"] == P("model", "data")
-    assert specs["lm_head"]["kernel"] == P("data", "model")
+    assert specs["embed"]["embedding"] == P("model", FSDP)
+    assert specs["lm_head"]["kernel"] == P(FSDP, "model")
     # Every parameter got a spec of its own rank: nothing was left unannotated.
     state = nnx.state(abstract, nnx.Param)
     flat_specs = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))

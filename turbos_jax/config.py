@@ -27,6 +27,7 @@ ROUTER_SCORES = ("softmax", "sigmoid")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_mixer_outputs")
 KERNEL_IMPLS = ("xla", "pallas", "auto")  # see pallas_kernels/__init__.py
 EXPERT_PARALLEL = ("auto", "none")  # MoE dispatch across the mesh's expert axis (layers/moe.py)
+MAMBA_CP_SCHEMES = ("parallel", "sequential")  # Mamba2 state exchange over `context` (context_parallel.py)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -103,6 +104,7 @@ class ModelConfig:
     mamba_chunk: int
     mamba_conv: int
     mamba_dt_limit: tuple[float, float]
+    mamba_cp_scheme: str
     # MoE.
     num_experts: int
     top_k: int
@@ -270,6 +272,8 @@ class ModelConfig:
             fail("remat_policy", f"expected one of {REMAT_POLICIES}")
         if self.kernel_impl not in KERNEL_IMPLS:
             fail("kernel_impl", f"expected one of {KERNEL_IMPLS}")
+        if self.mamba_cp_scheme not in MAMBA_CP_SCHEMES:
+            fail("mamba_cp_scheme", f"expected one of {MAMBA_CP_SCHEMES}")
         if self.expert_parallel not in EXPERT_PARALLEL:
             fail("expert_parallel", f"expected one of {EXPERT_PARALLEL}")
         if not isinstance(self.scan_layers, bool):

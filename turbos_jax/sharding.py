@@ -11,7 +11,8 @@ Logical names (eight; `None` marks an unsharded dimension):
 |------------|-------------------------------------------------------|-----------|----------------|
 | `batch`    | batch rows                                            | -         | data, expert   |
 | `seq`      | sequence positions                                    | -         | context        |
-| `embed`    | the residual stream (d_model)                         | data      | -              |
+| `embed`    | the residual stream (d_model)                         | data,     | -              |
+|            |                                                       | context   |                |
 | `heads`    | attention query heads, Mamba2 heads                   | model     | model          |
 | `kv_heads` | attention KV heads, Mamba2 SSM groups (B/C are shared | model     | model          |
 |            | by the heads of a group as K/V are in GQA)            |           |                |
@@ -19,7 +20,9 @@ Logical names (eight; `None` marks an unsharded dimension):
 | `vocab`    | vocabulary                                            | model     | model          |
 | `expert`   | routed experts                                        | expert    | expert         |
 
-Parameters shard `embed` over `data`: that is FSDP (ZeRO-3), gathered per layer inside the scan.
+Parameters shard `embed` over `data` and `context`: that is FSDP (ZeRO-3), gathered per layer inside
+the scan; with context parallelism on, `context` is a second FSDP axis, so turning it on does not
+replicate parameters or optimizer state (docs/sharding.md, "Context parallelism").
 Stacked layers (the scanned period) carry one extra leading dimension that is never sharded; the
 specs below add it by comparing the value's rank with the number of recorded names.
 
@@ -52,7 +55,7 @@ PARAM_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("heads", ("model",)),
     ("kv_heads", ("model",)),
     ("mlp", ("model",)),
-    ("embed", ("data",)),
+    ("embed", ("data", "context")),
 )
 ACTIVATION_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("expert", ("expert",)),
@@ -166,6 +169,16 @@ def constrain(x: jax.Array, names: Names) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, spec)
 
 
+BATCH_NAMES = ("batch", "seq")  # the (B, L) arrays of a training batch: rows and sequence
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+    """The sharding of a (B, L) training batch: rows over (data, expert), positions over context."""
+    present = set(mesh.axis_names)
+    spec = activation_spec(BATCH_NAMES)
+    return jax.sharding.NamedSharding(mesh, PartitionSpec(*[_keep_axes(s, present) for s in spec]))
+
+
 def process_batch_shard(batch_sharding: jax.sharding.Sharding, batch_size: int) -> tuple[int, int]:
     """(index, count) of the rows of the global batch this process's devices hold: rows
     [index * batch_size / count, (index + 1) * batch_size / count).
@@ -174,6 +187,11 @@ def process_batch_shard(batch_sharding: jax.sharding.Sharding, batch_size: int) 
     same rows (replicas along `model`) and must load the same data, so the input pipeline shards by
     this index, not by `jax.process_index()`. One process per shard is the usual case.
     """
+    if isinstance(batch_sharding, jax.sharding.NamedSharding) and len(batch_sharding.spec) > 1:
+        # Only the row split matters here; the sequence split (context) stays inside a process.
+        batch_sharding = jax.sharding.NamedSharding(
+            batch_sharding.mesh, PartitionSpec(batch_sharding.spec[0])
+        )
     rows = {
         (s[0].start or 0, batch_size if s[0].stop is None else s[0].stop)
         for s in batch_sharding.addressable_devices_indices_map((batch_size,)).values()
@@ -222,7 +240,7 @@ def mesh_shape(mesh_cfg: Mapping, num_devices: int) -> dict[str, int]:
     """Resolves `config.mesh` ({data, expert, model, context}, one size may be -1) to axis sizes.
 
     Raises a one-line ConfigError naming the key for a missing or unknown key, a size that is not a
-    positive integer (or -1), more than one -1, context != 1, or a product != `num_devices`.
+    positive integer (or -1), more than one -1, or a product != `num_devices`.
     """
     cfg = dict(mesh_cfg.to_dict() if hasattr(mesh_cfg, "to_dict") else mesh_cfg)
     unknown = sorted(set(cfg) - set(MESH_AXES))
@@ -236,10 +254,6 @@ def mesh_shape(mesh_cfg: Mapping, num_devices: int) -> dict[str, int]:
             raise ConfigError(
                 f"config.mesh.{axis}={v!r}: must be a positive integer or -1 (-1 = the remaining devices)"
             )
-    if cfg["context"] != 1:
-        raise ConfigError(
-            f"config.mesh.context={cfg['context']!r}: context parallelism is reserved; must be 1"
-        )
     fill = [a for a in MESH_AXES if cfg[a] == -1]
     if len(fill) > 1:
         raise ConfigError(
@@ -263,15 +277,20 @@ def mesh_shape(mesh_cfg: Mapping, num_devices: int) -> dict[str, int]:
 
 
 def check_mesh(
-    shape: Mapping[str, int], model_cfg=None, batch_size: int | None = None, grad_accum_steps: int = 1
+    shape: Mapping[str, int],
+    model_cfg=None,
+    batch_size: int | None = None,
+    grad_accum_steps: int = 1,
+    seq_len: int | None = None,
 ) -> None:
     """Divisibility of the model and batch by the mesh axes that shard them; one-line ConfigErrors.
 
     Every sharded dimension must divide evenly (there is no silent fallback to replication):
     heads, KV heads, Mamba2 heads and groups (unless one), the expert, shared-expert, dense-FFN and
-    (padded) vocabulary sizes by `model`; experts by
-    `expert`; d_model (FSDP) by `data`; each microbatch (batch_size / grad_accum_steps) by
-    `data * expert`.
+    (padded) vocabulary sizes by `model`; experts by `expert`; d_model (FSDP) by `data * context`;
+    each microbatch (batch_size / grad_accum_steps) by `data * expert`; seq_len by `context`, with
+    each sequence shard at least the Mamba2 conv halo (mamba_conv - 1 tokens, which come from the
+    previous shard).
     """
     if model_cfg is not None:
         # Only the layer kinds the layout has (an imported pure-Mamba2 model has no experts).
@@ -290,7 +309,7 @@ def check_mesh(
         if "D" in layout:
             model_keys.append("mlp_dim")
         expert_keys = ("num_experts",) if "F" in layout else ()
-        checks = (("model", model_keys), ("expert", expert_keys), ("data", ("d_model",)))
+        checks = (("model", model_keys), ("expert", expert_keys))
         for axis, keys in checks:
             for key in keys:
                 # The vocabulary is padded to a multiple of config.model.vocab_multiple.
@@ -301,6 +320,22 @@ def check_mesh(
                         f"config.model.{key}={getattr(model_cfg, key)!r}{hint}: must be divisible by "
                         f"config.mesh.{axis}={shape[axis]}"
                     )
+        fsdp = shape["data"] * shape["context"]
+        if model_cfg.d_model % fsdp:
+            raise ConfigError(
+                f"config.model.d_model={model_cfg.d_model!r}: must be divisible by config.mesh.data x "
+                f"context = {shape['data']} x {shape['context']} = {fsdp} (FSDP)"
+            )
+    if seq_len is not None and shape["context"] > 1:
+        cp = shape["context"]
+        if seq_len % cp:
+            raise ConfigError(f"config.seq_len={seq_len!r}: must be divisible by config.mesh.context={cp}")
+        halo = 0 if model_cfg is None else model_cfg.mamba_conv - 1
+        if seq_len // cp < max(halo, 1):
+            raise ConfigError(
+                f"config.seq_len={seq_len!r}: each of the config.mesh.context={cp} sequence shards "
+                f"needs >= mamba_conv - 1 = {halo} tokens"
+            )
     if batch_size is not None:
         n = shape["data"] * shape["expert"]
         if batch_size % (n * grad_accum_steps):
@@ -319,15 +354,16 @@ def make_mesh(
     model_cfg=None,
     batch_size: int | None = None,
     grad_accum_steps: int = 1,
+    seq_len: int | None = None,
 ) -> jax.sharding.Mesh:
     """`jax.make_mesh` with Auto axes (data, expert, model, context) sized by `config.mesh`.
 
-    `devices` defaults to all devices; `model_cfg` / `batch_size`, when given, are checked with
-    `check_mesh`.
+    `devices` defaults to all devices; `model_cfg` / `batch_size` / `seq_len`, when given, are
+    checked with `check_mesh`.
     """
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(mesh_cfg, len(devices))
-    check_mesh(shape, model_cfg, batch_size, grad_accum_steps)
+    check_mesh(shape, model_cfg, batch_size, grad_accum_steps, seq_len)
     return jax.make_mesh(
         tuple(shape[a] for a in MESH_AXES),
         MESH_AXES,
@@ -338,7 +374,8 @@ def make_mesh(
 
 def train_mesh(config, model_cfg, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
     """The mesh a train config asks for: `make_mesh(config.mesh)` checked against the model,
-    `config.batch_size` and `config.grad_accum_steps` (the trainer, `aot` and the benchmarks)."""
+    `config.batch_size`, `config.grad_accum_steps` and `config.seq_len` (the trainer, `aot` and the
+    benchmarks)."""
     if "mesh" not in config:
         raise ConfigError("config.mesh: required key is missing (see configs/turbos.py)")
     return make_mesh(
@@ -347,4 +384,5 @@ def train_mesh(config, model_cfg, devices: Sequence[jax.Device] | None = None) -
         model_cfg=model_cfg,
         batch_size=config.batch_size,
         grad_accum_steps=config.grad_accum_steps,
+        seq_len=config.seq_len,
     )

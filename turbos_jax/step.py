@@ -158,7 +158,7 @@ class TrainProgram(NamedTuple):
 
     `train_step(state, batch) -> (state, metrics)` is jitted with the state's shardings in and out
     and the state donated; `eval_step(params, batch) -> mean CE` is jitted; `batch_sharding` is the
-    batch rows over (data, expert)."""
+    batch rows over (data, expert) and its sequence over context."""
 
     setup: TrainSetup
     state_shardings: Any
@@ -171,7 +171,7 @@ def build_train_program(config, model_cfg, mesh) -> TrainProgram:
     """The one train/eval step builder (see the module docstring); nothing is compiled yet."""
     setup = train_setup(config, model_cfg)
     state_shardings = sharding.named_shardings(setup.abstract_state, mesh)
-    batch_sharding = NamedSharding(mesh, P(("data", "expert")))
+    batch_sharding = sharding.batch_sharding(mesh)
     step = make_train_step(setup.graphdef, setup.tx, setup.schedule, batch_sharding, config.grad_accum_steps)
 
     def eval_step(params, batch):

@@ -22,6 +22,10 @@ Blockwise algorithm (`attention`):
      delta) with delta = rowsum(do * out), dk += ds^T q, and dq (a full fp32 (B, L, H, Dh) buffer
      carried through both loops) += ds k. Live per step: a few (B, K, G, block_q, block_k) fp32
      blocks.
+
+Context parallelism (`attention_local_queries`): the queries are one shard of the sequence (first
+query at global index q_offset), the keys the whole gathered sequence with their own segment ids; the
+same loops run with query indices shifted by q_offset (in the causal block bounds and the mask).
 """
 
 from __future__ import annotations
@@ -105,13 +109,33 @@ def block_lengths(length: int, block_sizes: BlockSizes) -> tuple[int, int, int]:
 def attention(q, k, v, segment_ids, block_sizes: BlockSizes = DEFAULT_BLOCK_SIZES):
     """q (B, L, H, Dh), k/v (B, L, K, Dh), segment_ids (B, L) int -> (B, L, H, Dh) in q.dtype."""
     check_shapes(q, k, v, segment_ids)
-    b, l, h, dh = q.shape
-    kv = k.shape[2]
-    bq, bk, lp = block_lengths(l, block_sizes)
-    pad = lambda x: jnp.pad(x, [(0, 0), (0, lp - l)] + [(0, 0)] * (x.ndim - 2))  # step 1
-    qg = pad(q).reshape(b, lp, kv, h // kv, dh)
-    out = _blockwise(bq, bk, qg, pad(k), pad(v), pad(segment_ids.astype(jnp.int32)))
-    return out.reshape(b, lp, h, dh)[:, :l]
+    return attention_local_queries(q, k, v, segment_ids, segment_ids, 0, block_sizes)
+
+
+def attention_local_queries(
+    q, k, v, q_segment_ids, kv_segment_ids, q_offset, block_sizes: BlockSizes = DEFAULT_BLOCK_SIZES
+):
+    """Queries at global indices q_offset .. q_offset + Lq - 1 against keys at 0 .. Lk - 1:
+    q (B, Lq, H, Dh), k/v (B, Lk, K, Dh), q_segment_ids (B, Lq), kv_segment_ids (B, Lk),
+    q_offset int (may be traced) -> (B, Lq, H, Dh) in q.dtype."""
+    b, lq, h, dh = q.shape
+    lk, kv = k.shape[1], k.shape[2]
+    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != dh or h % kv:
+        raise ValueError(f"k, v must be (B, Lk, K, Dh) with K | H for q {q.shape}; got {k.shape}, {v.shape}")
+    if q_segment_ids.shape != (b, lq) or kv_segment_ids.shape != (b, lk):
+        raise ValueError(
+            f"segment ids must be (B, Lq) = {(b, lq)} and (B, Lk) = {(b, lk)}; "
+            f"got {q_segment_ids.shape}, {kv_segment_ids.shape}"
+        )
+    bq, bk, _ = block_lengths(max(lq, lk), block_sizes)
+    pad_to = lambda x, lp: jnp.pad(x, [(0, 0), (0, lp - x.shape[1])] + [(0, 0)] * (x.ndim - 2))  # step 1
+    lpq, lpk = _round_up(lq, max(bq, bk)), _round_up(lk, max(bq, bk))
+    qg = pad_to(q, lpq).reshape(b, lpq, kv, h // kv, dh)
+    seg_q = pad_to(q_segment_ids.astype(jnp.int32), lpq)
+    seg_k = pad_to(kv_segment_ids.astype(jnp.int32), lpk)
+    offset = jnp.asarray(q_offset, jnp.int32)
+    out = _blockwise(bq, bk, qg, pad_to(k, lpk), pad_to(v, lpk), seg_q, seg_k, offset)
+    return out.reshape(b, lpq, h, dh)[:, :lq]
 
 
 def _scores(q_blk, k_blk, seg_q, seg_k, i0, j0, scale):
@@ -127,20 +151,21 @@ def _slice(x, start, size):
     return jax.lax.dynamic_slice_in_dim(x, start, size, axis=1)
 
 
-def _forward(bq, bk, q, k, v, seg):
-    """Step 2. q (B, Lp, K, G, Dh), k/v (B, Lp, K, Dh) -> out like q in q.dtype, lse (B, K, G, Lp)."""
+def _forward(bq, bk, q, k, v, seg_q_all, seg, off):
+    """Step 2. q (B, Lpq, K, G, Dh), k/v (B, Lpk, K, Dh) -> out like q in q.dtype, lse (B, K, G, Lpq);
+    query i sits at global index off + i."""
     b, lp, kv, g, dh = q.shape
     scale = dh**-0.5
-    nk = lp // bk
+    nk = k.shape[1] // bk
 
     def query_block(i):
         i0 = i * bq
-        q_blk, seg_q = _slice(q, i0, bq), _slice(seg, i0, bq)
+        q_blk, seg_q = _slice(q, i0, bq), _slice(seg_q_all, i0, bq)
 
         def key_block(j, carry):
             m, total, acc = carry
             j0 = j * bk
-            s, mask = _scores(q_blk, _slice(k, j0, bk), seg_q, _slice(seg, j0, bk), i0, j0, scale)
+            s, mask = _scores(q_blk, _slice(k, j0, bk), seg_q, _slice(seg, j0, bk), off + i0, j0, scale)
             m_new = jnp.maximum(m, jnp.max(jnp.where(mask, s, -jnp.inf), axis=-1))
             shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # all-masked so far: exp(-inf) = 0
             p = jnp.where(mask, jnp.exp(s - shift[..., None]), 0.0)
@@ -156,7 +181,7 @@ def _forward(bq, bk, q, k, v, seg):
             jnp.zeros((b, kv, g, bq, dh), F32),
         )
         n_visible = jnp.minimum(
-            nk, (i0 + bq + bk - 1) // bk
+            nk, (off + i0 + bq + bk - 1) // bk
         )  # key blocks starting at or before the last query
         m, total, acc = jax.lax.fori_loop(0, n_visible, key_block, init)
         seen = total > 0
@@ -171,19 +196,20 @@ def _forward(bq, bk, q, k, v, seg):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _blockwise(bq, bk, q, k, v, seg):
-    return _forward(bq, bk, q, k, v, seg)[0]
+def _blockwise(bq, bk, q, k, v, seg_q, seg_k, off):
+    return _forward(bq, bk, q, k, v, seg_q, seg_k, off)[0]
 
 
-def _blockwise_fwd(bq, bk, q, k, v, seg):
-    out, lse = _forward(bq, bk, q, k, v, seg)
-    return out, (q, k, v, seg, out, lse)
+def _blockwise_fwd(bq, bk, q, k, v, seg_q, seg_k, off):
+    out, lse = _forward(bq, bk, q, k, v, seg_q, seg_k, off)
+    return out, (q, k, v, seg_q, seg_k, off, out, lse)
 
 
 def _blockwise_bwd(bq, bk, residuals, d_out):
     """Step 3."""
-    q, k, v, seg, out, lse = residuals
+    q, k, v, seg_q, seg, off, out, lse = residuals
     b, lp, kv, g, dh = q.shape
+    lpk = k.shape[1]
     scale = dh**-0.5
     nq = lp // bq
     d_out = d_out.astype(q.dtype)
@@ -197,7 +223,7 @@ def _blockwise_bwd(bq, bk, residuals, d_out):
             dq, dk, dv = carry
             i0 = i * bq
             q_blk, do_blk = _slice(q, i0, bq), _slice(d_out, i0, bq)
-            s, mask = _scores(q_blk, k_blk, _slice(seg, i0, bq), seg_k, i0, j0, scale)
+            s, mask = _scores(q_blk, k_blk, _slice(seg_q, i0, bq), seg_k, off + i0, j0, scale)
             lse_blk = jax.lax.dynamic_slice_in_dim(lse, i0, bq, axis=3)
             delta_blk = jax.lax.dynamic_slice_in_dim(delta, i0, bq, axis=3)
             p = jnp.where(mask, jnp.exp(s - lse_blk[..., None]), 0.0)  # (B, K, G, bq, bk)
@@ -211,12 +237,14 @@ def _blockwise_bwd(bq, bk, residuals, d_out):
             return jax.lax.dynamic_update_slice_in_dim(dq, dq_blk, i0, axis=1), dk, dv
 
         zeros = jnp.zeros((b, bk, kv, dh), F32)
-        dq, dk, dv = jax.lax.fori_loop(j0 // bq, nq, query_block, (dq, zeros, zeros))  # queries from j0 on
+        first = jnp.clip((j0 - off) // bq, 0, nq)  # query blocks holding global indices >= j0
+        dq, dk, dv = jax.lax.fori_loop(first, nq, query_block, (dq, zeros, zeros))
         return dq, (dk, dv)
 
-    dq, (dk, dv) = jax.lax.scan(key_block, jnp.zeros(q.shape, F32), jnp.arange(lp // bk))
-    unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, lp, kv, dh)  # (nk, B, bk, K, Dh) -> (B, Lp, K, Dh)
-    return dq.astype(q.dtype), unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype), None
+    dq, (dk, dv) = jax.lax.scan(key_block, jnp.zeros(q.shape, F32), jnp.arange(lpk // bk))
+    unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape(b, lpk, kv, dh)  # (nk, B, bk, K, Dh) -> (B, Lpk, K, Dh)
+    dk, dv = unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype)
+    return dq.astype(q.dtype), dk, dv, None, None, None
 
 
 _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)

@@ -33,6 +33,7 @@ from pallas_kernels import resolve_impl
 from pallas_kernels.attention.decode import cache_attention
 from turbos_jax import sharding
 from turbos_jax.config import ModelConfig
+from turbos_jax.layers import context_parallel
 from turbos_jax.layers.norms import RMSNorm
 
 
@@ -104,7 +105,12 @@ class Attention(nnx.Module):
     def attend_sequence(self, q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) -> jax.Array:
         """Step 4 over a full sequence without L x L memory: q (B, L, H, Dh), k/v (B, L, K, Dh),
         segment_ids (B, L) -> out (B, L, H, Dh). With kernels on, each device runs the kernel on
-        its batch rows and heads (GSPMD cannot split a Pallas call; the sequence is not sharded)."""
+        its batch rows and heads (GSPMD cannot split a Pallas call; the sequence is not sharded).
+        With context parallelism each device runs the blockwise attention for its query shard
+        against the gathered K/V (any kernel_impl; the TPU splash path with q_seq_shards is not
+        wired yet)."""
+        if context_parallel.context_size() > 1:  # K/V gathered over `context`, queries local
+            return context_parallel.attention(q, k, v, segment_ids)
         impl = resolve_impl(self.cfg.kernel_impl)
         fn = lambda q, k, v, seg: attention_ops.attention(q, k, v, seg, impl=impl)
         if impl == "pallas":

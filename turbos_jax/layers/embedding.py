@@ -13,6 +13,7 @@ from flax import nnx
 
 from turbos_jax import sharding
 from turbos_jax.config import ModelConfig
+from turbos_jax.layers import context_parallel
 
 
 def finish_logits(logits: jax.Array, cfg: ModelConfig) -> jax.Array:
@@ -38,7 +39,14 @@ class Embed(nnx.Module):
         )
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        x = jnp.take(self.embedding[...], tokens, axis=0)
+        table = self.embedding[...]
+        if context_parallel.context_size() > 1:
+            # The FSDP gather of the table, explicitly: from a table sharded over d_model on
+            # (data, context), GSPMD cannot move the looked-up rows to their (batch, seq) shards
+            # except by replicating them ("involuntary full rematerialization", measured on tiny
+            # with context 2, forward and backward).
+            table = sharding.constrain(table, ("vocab", None))
+        x = jnp.take(table, tokens, axis=0)
         if self.cfg.embedding_scale != 1.0:
             x = x.astype(jnp.float32) * self.cfg.embedding_scale
         return sharding.constrain(x.astype(self.dtype), ("batch", "seq", None))

@@ -9,6 +9,8 @@ Algorithm:
   3. SSD chunked scan (`pallas_kernels.mamba2.chunk_scan`): dt = softplus(dt + dt_bias) clamped to
      dt_limit, A = -exp(A_log); per head state_t = exp(dt_t A) state_{t-1} + dt_t x_t B_t^T,
      y_t = C_t state_t + D x_t; the state resets where the segment id changes; fp32 state.
+     With context parallelism (mesh context > 1) steps 2-3 run per sequence shard with a conv halo
+     and the shards' states passed on (`layers/context_parallel.py`).
   4. Gated RMSNorm per SSM group: norm(y * silu(z)).
   5. out_proj: (B, L, H, P) -> (B, L, D).
 
@@ -38,6 +40,7 @@ from pallas_kernels import resolve_impl
 from pallas_kernels.mamba2.reference import process_dt
 from turbos_jax import sharding
 from turbos_jax.config import ModelConfig
+from turbos_jax.layers import context_parallel
 from turbos_jax.layers.norms import GatedGroupRMSNorm
 
 # mamba_ssm's initialisation ranges (Mamba2 defaults).
@@ -161,9 +164,16 @@ class Mamba2(nnx.Module):
         """x (B, L, D), segment_ids (B, L) int32 -> (B, L, D)."""
         cfg = self.cfg
         z, xs, b, c, dts = self.project(x)
-        xs, b, c = self.convolve(xs, b, c, segment_ids)
         a, d_skip, dt_bias = self.ssm_params()
         impl = resolve_impl(cfg.kernel_impl)
+        if context_parallel.context_size() > 1:  # conv halo + state passing over `context`
+            cv = self.conv1d
+            conv_params = [cv[k][...] for k in ("x", "B", "C", "x_bias", "B_bias", "C_bias")]
+            y = context_parallel.mamba2_scan(
+                cfg, impl, causal_depthwise_conv, xs, b, c, dts, segment_ids, conv_params, a, d_skip, dt_bias
+            )
+            return self.output(y, z)
+        xs, b, c = self.convolve(xs, b, c, segment_ids)
 
         def scan(xs, dts, a, b, c, d_skip, dt_bias, segment_ids):
             return mamba2_ops.chunk_scan(

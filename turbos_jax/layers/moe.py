@@ -226,22 +226,36 @@ class MoEFFN(nnx.Module):
              (the F contraction is split over it);
           4. the inverse all-to-all -> (E, Gl, C, D), and the local gate-weighted combine.
         Weights enter gathered over `data` (FSDP) and sharded (expert, -, model).
+
+        With context parallelism (cp = mesh context size > 1) the sequence stays sharded: slots
+        (`pos`, computed over whole sequences) are the same as without CP; each device dispatches
+        its own tokens into a buffer padded to Cp = cp * ceil(C / cp) slots, a reduce-scatter
+        over `context` leaves each device Cp / cp slots filled by every shard's tokens (each slot
+        has one token), steps 2-4 run on those, and an all-gather over `context` before the
+        combine returns every slot's output to the device holding its token.
         """
         cfg = self.cfg
         e = cfg.num_experts
         names = set(mesh.axis_names)
         batch_axes = tuple(a for a in ("data", "expert") if a in names)
         model = "model" if "model" in names else None
-        tok = P(batch_axes, None, None)
+        cp = mesh.shape.get("context", 1)
+        tok = P(batch_axes, "context" if cp > 1 else None, None)
+        c_pad = -(-c // cp) * cp
 
         def body(x, ids, pos, gates, wg, wu, wo):
-            xe = moe_ops.capacity_dispatch(x, ids, pos, c, e, impl=impl)  # [E, Gl, C, D]
-            xe = jax.lax.all_to_all(xe, "expert", 0, 1, tiled=True)  # [El, ep*Gl, C, D]
-            ye = _capacity_experts(xe, wg, wu, wo)  # [El, ep*Gl, C, D]
+            pos = jnp.where(pos < c, pos, -1)  # over capacity: dropped from the padded buffer too
+            xe = moe_ops.capacity_dispatch(x, ids, pos, c_pad, e, impl=impl)  # [E, Gl, Cp, D]
+            if cp > 1:
+                xe = jax.lax.psum_scatter(xe, "context", scatter_dimension=2, tiled=True)  # [E, Gl, Cp/cp, D]
+            xe = jax.lax.all_to_all(xe, "expert", 0, 1, tiled=True)  # [El, ep*Gl, Cp/cp, D]
+            ye = _capacity_experts(xe, wg, wu, wo)  # [El, ep*Gl, Cp/cp, D]
             if model is not None:
                 ye = jax.lax.psum(ye, model)
-            ye = jax.lax.all_to_all(ye, "expert", 1, 0, tiled=True)  # [E, Gl, C, D]
-            return moe_ops.capacity_combine(ye, ids, pos, gates, c, impl=impl)  # [Gl, S, D]
+            ye = jax.lax.all_to_all(ye, "expert", 1, 0, tiled=True)  # [E, Gl, Cp/cp, D]
+            if cp > 1:
+                ye = jax.lax.all_gather(ye, "context", axis=2, tiled=True)  # [E, Gl, Cp, D]
+            return moe_ops.capacity_combine(ye, ids, pos, gates, c_pad, impl=impl)  # [Gl, S, D]
 
         w_in, w_out = P("expert", None, model), P("expert", model, None)
         fn = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, tok, w_in, w_in, w_out), out_specs=tok)
@@ -259,7 +273,8 @@ class MoEFFN(nnx.Module):
         names = set(mesh.axis_names)
         batch_axes = tuple(a for a in ("data", "expert") if a in names)
         model = "model" if "model" in names else None
-        tok = P(batch_axes, None, None)
+        # With context parallelism each device sends its own sequence shard's rows (exact: dropless).
+        tok = P(batch_axes, "context" if mesh.shape.get("context", 1) > 1 else None, None)
         experts = functools.partial(
             expert_parallel.dropless_experts,
             num_experts=cfg.num_experts,
