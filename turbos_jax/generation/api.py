@@ -8,7 +8,8 @@ prompts (B, L) int32 right-padded, lengths (B,) real prompt lengths (>= 1). Retu
 (B, max_new_tokens) int32 -- the continuation, `pad_id` after a sequence's EOS -- and n (B,) int32
 generated tokens per sequence (an EOS counts; n = max_new_tokens when none was produced).
 
-One jitted program: prefill (chunked SSD scan + full-prompt attention, caches built), a first
+One jitted program: prefill (chunked SSD scan + full-prompt attention, caches built; or the
+prompt folded in `prefill_chunk` tokens at a time, memory bounded by the chunk), a first
 sample from each prompt's last real token, then `lax.while_loop` over decode steps (one token per
 sequence per step) until every sequence has produced `eos_id` or `max_new_tokens` are generated.
 Step i samples with `fold_in(rng, i)`, so a seed reproduces a rollout exactly.
@@ -42,11 +43,13 @@ def generation_graphdef(graphdef, params, **overrides):
     return nnx.split(nnx.eval_shape(lambda: TurbosModel(cfg, rngs=nnx.Rngs(0))))[0]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling"))
-def _generate(graphdef, params, prompts, lengths, rng, eos_id, pad_id, *, max_new_tokens, sampling):
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "prefill_chunk"))
+def _generate(
+    graphdef, params, prompts, lengths, rng, eos_id, pad_id, *, max_new_tokens, sampling, prefill_chunk
+):
     model = nnx.merge(graphdef, params)
     b, l = prompts.shape
-    logits, cache = model.prefill(prompts, lengths, l + max_new_tokens)
+    logits, cache = model.prefill(prompts, lengths, l + max_new_tokens, chunk=prefill_chunk)
     first = sample(logits, jax.random.fold_in(rng, 0), sampling)
     out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
     eos = eos_id  # -1 = none (traced: a new EOS id does not recompile)
@@ -83,11 +86,16 @@ def generate(
     rng=None,
     eos_id: int | None = None,
     pad_id: int | None = None,
+    prefill_chunk: int | None = None,
     **cfg_overrides,
 ):
-    """See the module docstring. `cfg_overrides` go to `generation_graphdef` (cache dtypes)."""
+    """See the module docstring. `prefill_chunk`: prefill the prompts this many tokens at a time
+    (memory bounded by the chunk; None = the whole prompt at once). `cfg_overrides` go to
+    `generation_graphdef` (cache dtypes)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+    if prefill_chunk is not None and prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk={prefill_chunk}: must be >= 1 (or None for one-shot prefill)")
     prompts = jnp.asarray(prompts, jnp.int32)
     lengths = jnp.asarray(lengths, jnp.int32)
     if prompts.ndim != 2 or lengths.shape != prompts.shape[:1]:
@@ -111,4 +119,5 @@ def generate(
         jnp.int32(pad),
         max_new_tokens=int(max_new_tokens),
         sampling=sampling,
+        prefill_chunk=None if prefill_chunk is None else int(prefill_chunk),
     )
