@@ -197,8 +197,9 @@ with jax.default_matmul_precision("highest"):
     logits = np.asarray(nnx.jit(lambda m, t: m(t)[0])(model, ref["tokens"]))
 logits = logits[..., : ref["logits"].shape[-1]]
 rel_err = float(np.abs(logits - ref["logits"]).max() / np.abs(ref["logits"]).max())
-# The 5-layer fixture measures ~3e-7; a 64-layer-deep real model accumulates more rounding.
-tolerance = 1e-3 if USE_HUB else 1e-4
+# The fixture measures 3e-7; the 350M model (64 layers deep, Pallas kernels on a recent GPU or a
+# TPU) accumulates more rounding. A wrong mapping gives 1e-2 or more (the tests' negative controls).
+tolerance = 2e-3 if USE_HUB else 1e-4
 print(f"max relative logit error: {rel_err:.2e} (tolerance {tolerance:.0e})")
 assert rel_err < tolerance
 
@@ -246,8 +247,9 @@ run = convert.read_workdir_config(WORKDIR)
 run.total_steps = 8 if SMOKE else 40
 run.batch_size, run.grad_accum_steps = 4, 1
 run.seq_len = 256 if USE_HUB else 64
-run.log_every_steps, run.eval_batches = 2, 1
-run.eval_every_steps = run.checkpoint_every_steps = run.total_steps // 2
+run.log_every_steps = run.eval_every_steps = 2 if SMOKE else 4  # held-out loss at every log
+run.eval_batches = 1 if SMOKE else 2  # the same held-out batches at each evaluation
+run.checkpoint_every_steps = run.total_steps  # one save, at the end
 peak_lr = 2e-5 if USE_HUB else 3e-3  # the fixture is random: it can take large steps
 run.optim.schedule = (("warmup", 2, peak_lr), ("cosine", run.total_steps - 2, peak_lr / 10))
 
@@ -282,7 +284,7 @@ def plot_live(step, row):
 last = train.train_and_evaluate(run, WORKDIR, on_log=plot_live)
 print({k: round(v, 4) for k, v in last.items() if k in ("step", "loss", "eval_loss", "lr")})
 assert last["step"] == run.total_steps and all(map(math.isfinite, history["loss"]))
-assert history["loss"][-1] < history["loss"][0], "the loss did not fall"
+assert history["eval_loss"][-1] < history["eval_loss"][0], "the held-out loss did not fall"
 
 # %% [markdown]
 # ## Export back to Hugging Face format
