@@ -28,7 +28,7 @@ def setup():
     cfg = dataclasses.replace(ModelConfig.from_config(tiny.get_config().model), mamba_chunk=8)
     assert cfg.capacity_factor > 0 and set("AMF") <= set(cfg.layout)
     graphdef, params = init_model(cfg, seed=0)
-    prompts, lengths = R.encode_prompts(ByteTokenizer(), PROMPTS, max_prompt_len=10)
+    prompts, lengths = R.encode_prompts(ByteTokenizer().encode, PROMPTS, max_prompt_len=10)
     ro = R.sample_groups(
         graphdef, params, prompts, lengths, group_size=G, max_new_tokens=NEW, rng=jax.random.key(3), eos_id=10
     )

@@ -179,22 +179,27 @@ def grpo_grads(params, graphdef, batch, hp: LossParams, microbatches: int = 1):
     return loss, metrics, grads
 
 
-def make_rl_step(graphdef, tx, hp: LossParams, microbatches: int = 1):
-    """The (unjitted) policy update `(state, batch) -> (state, metrics)` on the trainer's state
-    {"params", "opt_state", "step"}. A non-finite loss or gradient leaves params and optimizer
-    moments untouched (metrics["finite"] is False); the step is still counted."""
+def make_rl_step(graphdef, tx, microbatches: int = 1):
+    """The (unjitted) policy update `(state, batch, hp) -> (state, metrics)` on a state holding
+    {"params", "opt_state", "step"} (other entries, e.g. the reference, pass through). A non-finite
+    loss or gradient leaves params and optimizer moments untouched (metrics["finite"] is False);
+    so does a batch without any scored token (every group filtered out: metrics["updated"] is
+    False), where only the MoE aux loss and Adam's momentum would move the policy. The step is
+    counted either way."""
     import optax
 
-    def rl_step(state: dict[str, Any], batch):
+    def rl_step(state: dict[str, Any], batch, hp: LossParams):
         loss, metrics, grads = grpo_grads(state["params"], graphdef, batch, hp, microbatches)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        apply = finite & (jnp.sum(batch["loss_mask"]) > 0)
         params, opt_state = jax.tree.map(
-            lambda n, o: jnp.where(finite, n, o), (params, opt_state), (state["params"], state["opt_state"])
+            lambda n, o: jnp.where(apply, n, o), (params, opt_state), (state["params"], state["opt_state"])
         )
-        new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
-        return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite, **metrics}
+        new_state = state | {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, "updated": apply, **metrics}
+        return new_state, metrics
 
     return rl_step

@@ -1,6 +1,6 @@
 """Group rollouts through the generation API, and the trainer batch built from them.
 
-    prompts, lengths = encode_prompts(tokenizer, texts, max_prompt_len)
+    prompts, lengths = encode_prompts(tokenizer.encode, texts, max_prompt_len)
     ro = sample_groups(graphdef, params, prompts, lengths, group_size=8, max_new_tokens=16,
                        rng=key, eos_id=ord("\n"))
     batch = training_batch(ro, seq_len)            # inputs / targets / ... (B, T), loss mask
@@ -58,10 +58,11 @@ def dropless_graphdef(graphdef, params):
     return nnx.split(nnx.eval_shape(lambda: TurbosModel(cfg, rngs=nnx.Rngs(0))))[0]
 
 
-def encode_prompts(tokenizer, texts: list[str], max_prompt_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """-> (prompts (N, max_prompt_len) int32 right-padded with 0, lengths (N,)); a prompt that is
-    empty or longer than max_prompt_len raises ValueError naming it."""
-    ids = [tokenizer.encode(t) for t in texts]
+def encode_prompts(encode, texts: list[str], max_prompt_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """`encode(text) -> ids` (the SFT template's rendering) over texts -> (prompts (N,
+    max_prompt_len) int32 right-padded with 0, lengths (N,)); a prompt that is empty or longer than
+    max_prompt_len raises ValueError naming it."""
+    ids = [list(encode(t)) for t in texts]
     out = np.zeros((len(ids), max_prompt_len), np.int32)
     for i, (t, x) in enumerate(zip(texts, ids, strict=True)):
         if not 1 <= len(x) <= max_prompt_len:
