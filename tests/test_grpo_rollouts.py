@@ -1,8 +1,10 @@
 """GRPO rollouts (turbos_jax/posttrain/rollouts.py): group layout, the sampler's log-probs against
 the trainer's forward on the same tokens (negative control: a capacity-limited MoE forward), the
-trainer batch layout, and int8 sampling with truncated importance weights."""
+trainer batch layout, int8 sampling with truncated importance weights, and the prompt filter's
+pass rates."""
 
 import dataclasses
+import json
 
 import jax
 import numpy as np
@@ -14,7 +16,7 @@ from configs import tiny
 from turbos_jax.config import ModelConfig
 from turbos_jax.data.tokenizers import ByteTokenizer
 from turbos_jax.model import TurbosModel, init_model
-from turbos_jax.posttrain import grpo_loss
+from turbos_jax.posttrain import grpo, grpo_loss, prompt_filter, rewards
 from turbos_jax.posttrain import rollouts as R
 
 G, NEW, T = 4, 12, 24  # group size, max new tokens, trainer length
@@ -101,3 +103,35 @@ def test_int8_sampling_truncated_importance_weights(setup):
     spiky = sampler.copy()
     spiky[mask > 0] -= np.log(10.0)
     assert np.allclose(R.truncated_is_weights(trainer, spiky, mask, cap=2.0)[mask > 0], 2.0)
+
+
+def test_prompt_filter_pass_rates(setup, tmp_path):
+    """Pass rates are the per-prompt fraction of the K sampled responses its verifier accepts; the
+    filter keeps 0 < rate < 1. The verifier here accepts responses whose first byte is even."""
+    graphdef, params, _ = setup
+    tok = ByteTokenizer()
+    text = grpo.Text(tok.encode, tok, 10)
+    even = lambda p, c, m: np.array([float(len(x) > 0 and ord(x[0]) % 2 == 0) for x in c])
+    spec = rewards.RewardSpec({"even": (even, 1.0)}, correctness="even")
+    records = [{"prompt": p} for p in PROMPTS]
+    kwargs = dict(text=text, k=G, max_prompt_len=10, max_new_tokens=NEW, temperature=1.0, seed=5)
+    rates, failures = prompt_filter.pass_rates(
+        graphdef, params, records, prompts_per_batch=len(PROMPTS), reward_spec=spec, **kwargs
+    )
+    prompts, lengths = R.encode_prompts(tok.encode, PROMPTS, 10)
+    ro = R.sample_groups(
+        graphdef, params, prompts, lengths, group_size=G, max_new_tokens=NEW,
+        rng=jax.random.fold_in(jax.random.key(5), 0), eos_id=10,
+    )  # fmt: skip
+    texts, _ = grpo.decode_responses(text, ro)
+    expected = even(None, texts, None).reshape(-1, G).mean(1)
+    assert rates.tolist() == expected.tolist() and failures == 0
+    assert 0 < rates.mean() < 1  # random init: some bytes even, some odd
+
+    rates = np.array([0.0, 0.25, 1.0, 0.5])
+    keep = prompt_filter.keep_mask(rates)
+    assert keep.tolist() == [False, True, False, True]
+    assert prompt_filter.histogram(rates, 4).splitlines()[0].startswith("0/4:      1")
+    out = tmp_path / "kept.jsonl"
+    assert prompt_filter.write_filtered(str(out), records, rates, keep) == 2
+    assert [json.loads(x)["prompt"] for x in out.read_text().splitlines()] == [PROMPTS[1], PROMPTS[3]]

@@ -134,14 +134,15 @@ def phase_at(phases: Sequence[Phase], step: int) -> Phase:
     return next((p for p in phases if step <= p.until_step), phases[-1])
 
 
-def _decode(tokenizer, completions, lengths, stop_id) -> tuple[list[str], list[list[int]]]:
+def decode_responses(text: Text, ro: ro_lib.Rollouts) -> tuple[list[str], list[list[int]]]:
+    """Each response cut at its stop token -> (decoded texts, token ids without the stop)."""
     texts, ids = [], []
-    for row, n in zip(completions, lengths, strict=True):
+    for row, n in zip(ro.completions, ro.lengths, strict=True):
         toks = [int(t) for t in row[:n]]
-        if toks and toks[-1] == stop_id:
+        if toks and toks[-1] == text.stop_id:
             toks = toks[:-1]
         ids.append(toks)
-        texts.append(tokenizer.decode(toks))
+        texts.append(text.tokenizer.decode(toks))
     return texts, ids
 
 
@@ -192,7 +193,7 @@ def make_grpo_step(
             temperature=settings.temperature,
             int8=settings.int8_rollouts,
         )
-        texts, ids = _decode(text.tokenizer, ro.completions, ro.lengths, text.stop_id)
+        texts, ids = decode_responses(text, ro)
         meta = [r for r in records for _ in range(g)]
         total, parts, metrics = rewards.score(reward_spec, [m["prompt"] for m in meta], texts, meta, ids, g)
         rows = dataclasses.asdict(ro) | {"rewards": total}
