@@ -73,7 +73,7 @@ def check_rl_config(config) -> None:
 
 
 def _check_sources(r) -> None:
-    if not isinstance(r.sources, dict) or not r.sources:
+    if not hasattr(r.sources, "items") or not r.sources:  # a ConfigDict in a config file
         raise ConfigError(f"config.rl.sources={r.sources!r}: expected {{name: (kind, jsonl path)}}")
     for name, spec in r.sources.items():
         if not (
