@@ -164,3 +164,20 @@ def test_bad_config_is_one_line_and_writes_nothing(tmp_path):
     assert proc.returncode != 0
     assert "config.rl.num_generations=1: GRPO needs at least 2" in proc.stderr.strip().splitlines()[-1]
     assert not os.path.exists(workdir / "checkpoints")
+
+
+def test_prompt_filter_command(data, sft_workdir, tmp_path):
+    """The filter command's path (config, init_from restore, SFT template, rollouts, verifier,
+    output): a random-init policy never answers correctly, so every rate is 0 and nothing is kept.
+    Rates against hand-checked responses: tests/test_grpo_rollouts.py."""
+    from turbos_jax.posttrain.prompt_filter import filter_prompts
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(open(data["rl"]).readlines()[:8]))
+    out = tmp_path / "kept.jsonl"
+    config = _config(tmp_path / "f.py", data, sft_workdir)
+    with config.unlocked():
+        config.rl.reward_model = ""
+    kwargs = dict(kind="answer", k=2, batch_prompts=4, low=0.0, high=1.0)
+    rates = filter_prompts(config, init_from=sft_workdir, prompts=str(prompts), out=str(out), **kwargs)
+    assert rates.tolist() == [0.0] * 8 and out.read_text() == ""

@@ -30,7 +30,7 @@ from turbos_jax import cli, distributed
 from turbos_jax import training_loop as loop
 from turbos_jax.config import check_train_config
 from turbos_jax.data import DataError
-from turbos_jax.data.sft import make_format, read_examples, render
+from turbos_jax.data.sft import make_format, read_examples
 from turbos_jax.posttrain import grpo, grpo_config
 from turbos_jax.posttrain.evaluation import exact_match
 from turbos_jax.posttrain.prompts import PromptError, PromptStream, load_records
@@ -91,8 +91,7 @@ def rl(config, workdir: str, *, on_log: Callable[[int, dict], None] | None = Non
 
     # ============================================================================ data
     fmt = make_format(config)
-    render_prompt = lambda s: render({fmt.prompt_key: s, fmt.response_key: "."}, fmt).prompt_ids
-    text = grpo.Text(render_prompt, fmt.tokenizer, fmt.stop_id)
+    text = grpo.sft_text(fmt)
     sources = {
         name: load_records(path, prompt_key=fmt.prompt_key, answer_key=fmt.answer_key, kind=kind)
         for name, (kind, path) in rl_cfg.sources.items()

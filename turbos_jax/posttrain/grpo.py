@@ -83,6 +83,17 @@ class Text(NamedTuple):
     stop_id: int
 
 
+def sft_text(fmt) -> Text:
+    """The SFT template (`turbos_jax.data.sft.make_format(config)`) as RL's Text: a prompt is
+    rendered exactly as SFT rendered it before the response (role prefixes included)."""
+    from turbos_jax.data.sft import render
+
+    def prompt_ids(prompt: str):
+        return render({fmt.prompt_key: prompt, fmt.response_key: "."}, fmt).prompt_ids
+
+    return Text(prompt_ids, fmt.tokenizer, fmt.stop_id)
+
+
 class RLProgram(NamedTuple):
     """Compiled-on-first-call programs over the RL state (shardings from turbos_jax.sharding)."""
 

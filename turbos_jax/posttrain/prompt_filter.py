@@ -88,3 +88,120 @@ def write_filtered(path: str, lines: Sequence[dict], rates: np.ndarray, keep: np
             if ok:
                 f.write(json.dumps({**row, "pass_rate": float(rate)}) + "\n")
     return int(keep.sum())
+
+
+# ------------------------------------------------------------------------------ command line
+_FLAGS = {}  # absl flags, defined by define_flags() (not on import)
+
+
+def define_flags() -> None:
+    from absl import flags
+    from ml_collections import config_flags
+
+    if _FLAGS:
+        return
+    _FLAGS["config"] = config_flags.DEFINE_config_file("config", None, "RL config (config.rl, config.sft).")
+    _FLAGS["init_from"] = flags.DEFINE_string(
+        "init_from", None, "Workdir of the policy (default config.init_from)."
+    )
+    _FLAGS["prompts"] = flags.DEFINE_string("prompts", None, "JSONL prompts to filter.")
+    _FLAGS["kind"] = flags.DEFINE_enum("kind", "answer", ["answer", "code"], "How the prompts are verified.")
+    _FLAGS["out"] = flags.DEFINE_string("out", None, "Where the kept prompts go (JSONL).")
+    _FLAGS["k"] = flags.DEFINE_integer("k", 8, "Samples per prompt.", lower_bound=2)
+    _FLAGS["batch_prompts"] = flags.DEFINE_integer(
+        "batch_prompts", 16, "Prompts sampled at once.", lower_bound=1
+    )
+    _FLAGS["low"] = flags.DEFINE_float("low", 0.0, "Keep pass rates above this ...")
+    _FLAGS["high"] = flags.DEFINE_float("high", 1.0, "... and below this.")
+
+
+def filter_prompts(
+    config,
+    *,
+    init_from: str,
+    prompts: str,
+    kind: str,
+    out: str,
+    k: int,
+    batch_prompts: int,
+    low: float,
+    high: float,
+) -> np.ndarray:
+    """The command: steps 1-3 of the module docstring with the policy of `init_from`; -> rates."""
+    import os
+
+    from turbos_jax import checkpointing, sharding
+    from turbos_jax.config import ModelConfig
+    from turbos_jax.data.sft import make_format
+    from turbos_jax.posttrain import grpo, grpo_config
+    from turbos_jax.posttrain.prompts import load_records
+
+    grpo_config.check_rl_config(config)
+    fmt = make_format(config)
+    records = load_records(prompts, prompt_key=fmt.prompt_key, answer_key=fmt.answer_key, kind=kind)
+    with open(prompts) as f:
+        lines = [json.loads(line) for line in f if line.strip()]
+    model_cfg = ModelConfig.from_config(config.model)
+    mesh = sharding.train_mesh(config, model_cfg)
+    program = grpo.build_rl_program(config, model_cfg, mesh, 1)
+    with jax.set_mesh(mesh):
+        abstract = sharding.sharded_abstract(program.setup.abstract_state, mesh)
+        source = os.path.join(os.path.abspath(os.path.expanduser(init_from)), "checkpoints")
+        step, restored = checkpointing.restore_for_init(source, abstract, params_only=True)
+        print(f"policy: {init_from} checkpoint step {step}; {len(records)} prompts x {k} samples", flush=True)
+        rates, failures = pass_rates(
+            program.setup.graphdef,
+            restored["params"],
+            records,
+            text=grpo.sft_text(fmt),
+            k=k,
+            max_prompt_len=config.rl.max_prompt_len,
+            max_new_tokens=config.rl.max_new_tokens,
+            prompts_per_batch=batch_prompts,
+            temperature=config.rl.temperature,
+            seed=config.seed,
+            reward_spec=grpo_config.reward_spec(config),
+        )
+    keep = keep_mask(rates, low, high)
+    kept = write_filtered(out, lines, rates, keep)
+    print(histogram(rates, k))
+    print(
+        f"kept {kept} of {len(records)} prompts with {low} < pass rate < {high} -> {out}; "
+        f"reward failures: {failures}"
+    )
+    return rates
+
+
+def main(argv):
+    from absl import app, flags, logging
+
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # Orbax logs every read at INFO
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    f = {name: flag.value for name, flag in _FLAGS.items()}
+    if f["config"] is None or not f["prompts"] or not f["out"]:
+        raise app.UsageError("--config, --prompts and --out are required")
+    init_from = f["init_from"] or f["config"].init_from
+    if not init_from:
+        raise app.UsageError("--init_from (or config.init_from) must name the policy's workdir")
+    filter_prompts(
+        f["config"],
+        init_from=init_from,
+        prompts=f["prompts"],
+        kind=f["kind"],
+        out=f["out"],
+        k=f["k"],
+        batch_prompts=f["batch_prompts"],
+        low=f["low"],
+        high=f["high"],
+    )
+
+
+if __name__ == "__main__":
+    from turbos_jax import cli
+    from turbos_jax.data import DataError
+    from turbos_jax.posttrain.prompts import PromptError
+
+    define_flags()
+    cli.run(main, DataError, PromptError)
