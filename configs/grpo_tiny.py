@@ -17,7 +17,9 @@ sampling), and makes one token-level GRPO update.
 Two stages as phases (TurboS §3.5.1): stage I on reasoning prompts with a small KL (the report's
 mixture is code : math : logic = 2 : 2 : 1; this tiny task has math only), stage II on "general"
 prompts keeping 10 % reasoning, with a larger KL. The tiny demo has no general task: level-1
-arithmetic stands in for it. Expected hardware: 2 CPU cores; see benchmarks/RESULTS.md.
+arithmetic stands in for it. Expected hardware: 2 CPU cores, 1-4 s per step. Measured (one seed,
+stage I only, 240 steps, benchmarks/RESULTS.md "GRPO on the arithmetic task"): held-out greedy
+exact match 37 % -> 50.5 % in 15 min wall.
 """
 
 import ml_collections
@@ -32,7 +34,7 @@ def get_config():
     config.log_every_steps = 5
     config.eval_every_steps = 25  # eval_exact_match (greedy, held out) at step 0 and this cadence
     config.checkpoint_every_steps = 25
-    config.optim.schedule = (("constant", 200, 2e-4),)
+    config.optim.schedule = (("constant", 200, 1e-4),)  # 2e-4: no gain in a 60-step trial
     config.optim.weight_decay = 0.0  # no decay toward 0 away from the reference
     # The update's batch: batch_size = prompts per step x num_generations sequences of seq_len
     # = max_prompt_len + max_new_tokens - 1 tokens (a prompt and its response, shifted by one).
