@@ -78,4 +78,5 @@ def get_config():
     r.reward_model_weight = 0.0  # its weight in the total reward
     r.int8_rollouts = False  # sample with int8 weights (truncated importance correction)
     r.is_cap = 2.0  # cap of the truncated importance weights
+    r.shuffle_rewards = False  # control run only: rewards permuted across the batch (no signal)
     return config

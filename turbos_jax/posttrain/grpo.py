@@ -72,6 +72,7 @@ class Settings:
     int8_rollouts: bool
     is_cap: float
     seed: int
+    shuffle_rewards: bool = False  # control experiment: rewards permuted across the batch
 
 
 class Text(NamedTuple):
@@ -207,6 +208,8 @@ def make_grpo_step(
         texts, ids = decode_responses(text, ro)
         meta = [r for r in records for _ in range(g)]
         total, parts, metrics = rewards.score(reward_spec, [m["prompt"] for m in meta], texts, meta, ids, g)
+        if settings.shuffle_rewards:  # the "any update helps?" control: rewards lose their responses
+            total = np.random.default_rng(np.asarray(jax.random.key_data(key), np.uint32)).permutation(total)
         rows = dataclasses.asdict(ro) | {"rewards": total}
         return rows, parts, metrics
 

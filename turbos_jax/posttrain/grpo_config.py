@@ -13,7 +13,7 @@ from turbos_jax.posttrain.prompts import KINDS
 _FLOATS = ("temperature", "epsilon_low", "epsilon_high", "kl_clip", "bon_coef", "sign_anchor_tau")
 _FLOATS += ("sign_anchor_min", "length_weight", "repetition_weight", "reward_model_weight", "is_cap")
 _INTS = ("num_generations", "max_prompt_len", "max_new_tokens", "max_gen_batches")
-_BOOLS = ("dynamic_sampling", "mask_truncated", "difficulty_adaptive", "int8_rollouts")
+_BOOLS = ("dynamic_sampling", "mask_truncated", "difficulty_adaptive", "int8_rollouts", "shuffle_rewards")
 _STRS = ("loss_agg", "scale_rewards", "reward_model")
 RL_KEYS = ("sources", "phases", *_FLOATS, *_INTS, *_BOOLS, *_STRS)
 
@@ -130,6 +130,7 @@ def settings(config) -> grpo.Settings:
         int8_rollouts=r.int8_rollouts,
         is_cap=float(r.is_cap),
         seed=config.seed,
+        shuffle_rewards=r.shuffle_rewards,
     )
 
 
