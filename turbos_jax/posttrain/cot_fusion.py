@@ -159,27 +159,11 @@ def define_flags() -> None:
     }
 
 
-def _load_config(flag: str, path: str):
-    import importlib.util
-
-    from turbos_jax.cli import UserError
-
-    spec = importlib.util.spec_from_file_location("fusion_config", path)
-    if spec is None or not path.endswith(".py"):
-        raise UserError(f"--{flag}={path!r}: not a Python config file")
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except FileNotFoundError:
-        raise UserError(f"--{flag}={path!r}: no such file") from None
-    return module.get_config()
-
-
 def main(argv):
     from absl import app, flags, logging
 
     from turbos_jax.cli import UserError
-    from turbos_jax.posttrain.generators import CheckpointGenerator
+    from turbos_jax.posttrain.generators import CheckpointGenerator, load_config_file
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -198,7 +182,7 @@ def main(argv):
         raise UserError(f"--problems: {e}") from None
     gens = {}
     for role in ("short", "strong"):
-        config = _load_config(f"{role}_config", f[f"{role}_config"])
+        config = load_config_file(f"{role}_config", f[f"{role}_config"])
         gens[role] = CheckpointGenerator(
             config, f[f"{role}_workdir"], max_new_tokens=f["max_new_tokens"], batch_size=f["batch_size"]
         )

@@ -267,8 +267,7 @@ def main(argv):
     from absl import app, flags, logging
 
     from turbos_jax.cli import UserError
-    from turbos_jax.posttrain.cot_fusion import _load_config
-    from turbos_jax.posttrain.generators import CheckpointGenerator
+    from turbos_jax.posttrain.generators import CheckpointGenerator, load_config_file
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -294,7 +293,7 @@ def main(argv):
         raise UserError(
             "--config is required for checkpoints (--workdir, workdir competitors, likelihood judge)"
         )
-    config = _load_config("config", f["config"]) if f["config"] else None
+    config = load_config_file("config", f["config"]) if f["config"] else None
     prompts = _read_jsonl("prompts", f["prompts"], ("prompt",))
 
     def responses(flag, source):

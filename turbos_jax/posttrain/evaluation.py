@@ -91,6 +91,12 @@ def decode(
     return out
 
 
+def decode_text(tokenizer, continuation: np.ndarray, stop_id: int) -> str:
+    """A continuation's text without its final stop token."""
+    ids = continuation[:-1] if len(continuation) and continuation[-1] == stop_id else continuation
+    return tokenizer.decode([int(t) for t in ids])
+
+
 def exact_match(
     graphdef,
     params,
@@ -113,10 +119,8 @@ def exact_match(
         batch_size=batch_size,
         mesh=mesh,
     )
-    responses = [
-        tokenizer.decode([int(t) for t in (c[:-1] if len(c) and c[-1] == stop_id else c)])
-        for c in continuations
-    ]
+    responses = [decode_text(tokenizer, c, stop_id) for c in continuations]
+
     correct = [ref is not None and is_correct(r, ref) for r, ref in zip(responses, references, strict=True)]
     accuracy = float(np.mean(correct)) if correct else float("nan")
     mean_tokens = float(np.mean([len(c) for c in continuations])) if continuations else float("nan")

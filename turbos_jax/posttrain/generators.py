@@ -57,7 +57,7 @@ class CheckpointGenerator:
 
     def __call__(self, prompts: Sequence[str], continuations: Sequence[str] | None = None) -> list[str]:
         from turbos_jax.generation.sampling import SamplingParams
-        from turbos_jax.posttrain.evaluation import decode
+        from turbos_jax.posttrain.evaluation import decode, decode_text
 
         continuations = continuations or [""] * len(prompts)
         encoded = [self.encode_prompt(p, c) for p, c in zip(prompts, continuations, strict=True)]
@@ -72,8 +72,22 @@ class CheckpointGenerator:
             sampling=SamplingParams(temperature=self.temperature),
             rng=rng,
         )
-        stop = self.fmt.stop_id
-        return [
-            self.fmt.tokenizer.decode([int(t) for t in (o[:-1] if len(o) and o[-1] == stop else o)])
-            for o in outs
-        ]
+        return [decode_text(self.fmt.tokenizer, o, self.fmt.stop_id) for o in outs]
+
+
+def load_config_file(flag: str, path: str):
+    """`get_config()` of the ml_collections config file `path` (a data tool's --FLAG); one-line
+    UserError when it is not a readable .py file."""
+    import importlib.util
+
+    from turbos_jax.cli import UserError
+
+    spec = importlib.util.spec_from_file_location("turbos_tool_config", path)
+    if spec is None or not path.endswith(".py"):
+        raise UserError(f"--{flag}={path!r}: not a Python config file")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except FileNotFoundError:
+        raise UserError(f"--{flag}={path!r}: no such file") from None
+    return module.get_config()
