@@ -110,11 +110,13 @@ def mean_eval_loss(run: Run, params, batches: Iterator[dict], to_global, max_bat
 
 
 # ----------------------------------------------------------------------------- restore or init
-def restore_or_init(run: Run, data_iterator, *, init: str) -> Start:
+def restore_or_init(run: Run, data_iterator, *, init: str, from_params: Callable | None = None) -> Start:
     """This run's newest checkpoint (state and `data_iterator`, restored in place); else
     `config.init_from`'s (module docstring; `init` is INIT_FULL or INIT_PARAMS); else a fresh
     sharded init. Writes `config.json` once the state is known: until then the file describes the
-    checkpoints, and the mismatch hint reads it."""
+    checkpoints, and the mismatch hint reads it. With INIT_PARAMS, `from_params(params) -> state`
+    builds the state from the restored parameters (default: a fresh optimizer at step 0; rl adds
+    the frozen reference)."""
     config, program, mesh = run.config, run.program, run.mesh
     ckpt_dir = os.path.join(run.workdir, "checkpoints")
     ckpt, step, state = None, None, None
@@ -129,7 +131,7 @@ def restore_or_init(run: Run, data_iterator, *, init: str) -> Start:
                     logging.info("resumed from step %d", step)
                     print(f"resuming from checkpoint step {step}", flush=True)
             if state is None and config.init_from:
-                step, state = _init_from(run, abstract, init)
+                step, state = _init_from(run, abstract, init, from_params)
             if state is None:
                 step, state = 0, jax.jit(program.setup.init_state, out_shardings=program.state_shardings)()
             if ckpt is None:  # created only now: a failed init_from leaves no checkpoints/ behind
@@ -142,7 +144,7 @@ def restore_or_init(run: Run, data_iterator, *, init: str) -> Start:
     return Start(ckpt, step, state)
 
 
-def _init_from(run: Run, abstract, init: str) -> tuple[int, dict]:
+def _init_from(run: Run, abstract, init: str, from_params: Callable | None) -> tuple[int, dict]:
     config, program = run.config, run.program
     if init not in (INIT_FULL, INIT_PARAMS):
         raise ValueError(f"init={init!r}: expected {INIT_FULL!r} or {INIT_PARAMS!r}")
@@ -157,6 +159,7 @@ def _init_from(run: Run, abstract, init: str) -> tuple[int, dict]:
         def fresh(params):
             return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
+        fresh = fresh if from_params is None else from_params
         state = jax.jit(fresh, out_shardings=program.state_shardings, donate_argnums=0)(restored["params"])
         print(f"parameters from {source} (checkpoint step {step}); fresh optimizer, step 0", flush=True)
         return 0, state

@@ -9,7 +9,14 @@
 * `cot_fusion`: adaptive long-short CoT fusion (report §3.2.1), a command line.
 * `deliberate`: deliberation rounds (report §3.3): judged pairwise comparisons, weakness profile,
   next-round SFT data; a command line.
-The SFT command itself is `turbos_jax.sft` (its data: `turbos_jax.data.sft`).
+* GRPO (report §3.4-3.5): `grpo` (one iteration: rollouts, rewards, dynamic sampling, advantages,
+  update), `grpo_loss` (token-level clipped objective, K3 KL, best-of-N, microbatched gradient),
+  `advantages` (group z-scores, sign anchoring, dynamic sampling), `rewards` (components, shaping,
+  aggregator), `sandbox` (Python unit tests in a limited child process), `rollouts` (group sampling
+  and the trainer batch), `prompts` (resumable prompt mixture), `prompt_filter` (a command line),
+  `grpo_config` (config.rl).
+The SFT command itself is `turbos_jax.sft` (its data: `turbos_jax.data.sft`); GRPO's is
+`turbos_jax.rl`.
 
 Importing this package imports nothing else.
 """
