@@ -22,21 +22,24 @@ Routing, per token (router math in float32):
      (the shared expert still runs on them, harmlessly).
   6. Expert compute in cfg.dtype, by one of two modes:
 
-Capacity mode (cfg.capacity_factor > 0, TurboS training): groups are sequences (G = B, S = L) and
-every expert has C = cfg.capacity(L) = ceil(capacity_factor * L * k / E) slots per sequence.
+Capacity mode (cfg.capacity_factor > 0, TurboS training): tokens are routed in capacity groups of
+N = cfg.capacity_group consecutive tokens (N = L, one group per sequence, when it is 0): G = B * L/N
+groups of S = N tokens, and every expert has C = cfg.capacity(N) = ceil(capacity_factor * N * k / E)
+slots per group. A group of N routes exactly as an N-token sequence would.
   a. Slots are claimed in token order, each token's choices first-to-last (`capacity_positions`).
      Token-major order keeps the model causal: whether token t keeps a choice depends only on
      tokens <= t. (GShard's order, all first choices before any second choice, lets a later
      token's first choice evict an earlier token's second choice.)
   b. A choice whose slot is >= C is dropped: it contributes nothing and its gate weight is NOT
      re-spread over the token's other choices. Under overflow the latest tokens lose their
-     choices first. Documents packed into one sequence share its capacity.
+     choices first. Documents packed into one group share its capacity.
   c. tokens -> expert-major (E, G, C, D) buffers (scatter), experts as einsums batched over the
      leading E on (E, G*C, D) rows (`_capacity_experts`), gate-weighted gather back to (G, S, D).
   d. Expert parallelism (cfg.expert_parallel == "auto" and the mesh in context has expert > 1):
      step c runs inside `jax.shard_map` with two all-to-alls over the `expert` axis; see
-     `_capacity_expert_parallel` and docs/sharding.md. Per-sequence capacity makes the result
-     independent of the mesh. Otherwise GSPMD partitions the einsums.
+     `_capacity_expert_parallel` and docs/sharding.md. Per-group capacity makes the result
+     independent of the mesh. Otherwise GSPMD partitions the einsums. With context parallelism,
+     groups of N > 0 tokens must tile each context shard (checked), so each shard routes its own.
 
 Dropless mode (cfg.capacity_factor == 0): the B*L tokens are flattened, their T*k choices sorted by
 expert, rows permuted into expert order, three grouped matmuls (ragged_dot) and a gate-weighted
