@@ -131,7 +131,11 @@ def get_config() -> ml_collections.ConfigDict:
     m.router_bias = False
     m.renorm_topk = True
     m.routed_scale = 1.0
-    m.capacity_factor = 1.5  # >0: per-sequence expert capacity, overflow dropped; 0: dropless
+    m.capacity_factor = 1.5  # >0: expert capacity per group of tokens, overflow dropped; 0: dropless
+    # Capacity groups: 0 = one group per sequence; N > 0 = groups of N consecutive tokens, each
+    # with capacity_factor * N * top_k / num_experts slots per expert (N must divide seq_len and,
+    # with mesh.context > 1, seq_len / context, so each context shard routes its own groups).
+    m.capacity_group = 0
     m.aux_loss_weight = 0.01  # weight of the load-balancing loss
     m.z_loss_weight = 1e-3  # weight of the router z-loss
     # "auto": on a mesh with expert > 1 the routed experts dispatch tokens inside shard_map, by

@@ -35,4 +35,8 @@ def get_config():
     # the 4K run's last step, so the phase must cover it).
     config.optim.schedule = (("constant", STEPS_BEFORE + STAGE_STEPS, 5e-6),)
     config.model.rope_alpha = 50.0  # NTK-aware RoPE scaling for 32K
+    # MoE capacity per 4,096-token group, the 4K stage's per-sequence groups: the same drop rule
+    # as in pre-training, and groups that never cross a context shard (at 256K, per-sequence
+    # groups need 103 GiB per chip, 4K groups 70 GiB: docs/sharding.md).
+    config.model.capacity_group = 4096
     return config

@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import tiny
 from turbos_jax import sharding
-from turbos_jax.config import ConfigError, ModelConfig
+from turbos_jax.config import ConfigError, ModelConfig, check_train_config
 from turbos_jax.layers import context_parallel
 from turbos_jax.layers.attention import Attention
 from turbos_jax.layers.mamba2 import Mamba2
@@ -181,21 +181,45 @@ def test_moe_matches_without_context_parallelism(capacity_factor, mode):
     jax.tree.map(lambda a, b: assert_close(a, b, TOL), grads, ref_grads)
 
 
+@pytest.mark.parametrize("context, group, mode", [(2, 10, "auto"), (4, 5, "none")])
+def test_moe_capacity_groups_are_shard_local(context, group, mode):
+    """Groups of `group` tokens tile each context shard: every shard dispatches its own groups (no
+    reduce-scatter of full-sequence buffers) and the result equals the run without CP. Negative
+    control: groups over the wrong span (whole sequences, or twice as long) give other drops."""
+    cfg = _cfg(capacity_factor=0.5, expert_parallel=mode, capacity_group=group)
+    vg, params, x = _layer_setup(MoEFFN(cfg, rngs=nnx.Rngs(1)), rows=2)
+    (_, ref_y), ref_grads = _run(vg, params, x)
+    mesh = _mesh(1, 2, 1, context)
+    with jax.set_mesh(mesh):
+        jaxpr = str(jax.make_jaxpr(vg)(params, x))
+    assert ("shard_map" in jaxpr) == (mode == "auto") and "reduce_scatter" not in jaxpr
+    (_, y), grads = _run(vg, params, x, mesh)
+    assert_close(y, ref_y, TOL)
+    jax.tree.map(lambda a, b: assert_close(a, b, TOL), grads, ref_grads)
+    for wrong in (0, 2 * group):
+        other = MoEFFN(dataclasses.replace(cfg, capacity_group=wrong), rngs=nnx.Rngs(1))
+        (_, wrong_y), _ = _run(_layer_setup(other, rows=2)[0], params, x)
+        with pytest.raises(AssertionError):
+            assert_close(wrong_y, ref_y, TOL)
+
+
 # ------------------------------------------------------------------------------------ whole model
 @pytest.mark.parametrize(
-    "sizes, scheme, capacity_factor, remat",
+    "sizes, scheme, capacity_factor, group, remat",
     [
-        ((2, 1, 1, 4), "parallel", 1.0, "none"),
-        ((1, 2, 1, 4), "sequential", 0.0, "none"),
-        ((1, 1, 1, 8), "parallel", 0.5, "full"),  # collectives re-run in the rematerialised scan
+        ((2, 1, 1, 4), "parallel", 1.0, 0, "none"),
+        ((1, 2, 1, 4), "sequential", 0.0, 0, "none"),
+        ((1, 2, 1, 4), "parallel", 0.5, 5, "none"),  # shard-local capacity groups
+        ((1, 1, 1, 8), "parallel", 0.5, 0, "full"),  # collectives re-run in the rematerialised scan
     ],
     ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v),
 )
-def test_model_loss_and_grads_match_without_context_parallelism(sizes, scheme, capacity_factor, remat):
+def test_model_loss_and_grads_match_without_context_parallelism(sizes, scheme, capacity_factor, group, remat):
     cfg = _cfg(
         layout="AFMF" * 2,
         mamba_cp_scheme=scheme,
         capacity_factor=capacity_factor,
+        capacity_group=group,
         remat_policy=remat,
         scan_layers=remat != "none",
     )
@@ -236,6 +260,22 @@ def test_context_mesh_checked_against_seq_len_and_model(mesh_sizes, seq_len, d_m
     mesh_cfg = dict(zip(("data", "expert", "model", "context"), mesh_sizes, strict=True))
     with pytest.raises(ConfigError, match=match):
         sharding.make_mesh(mesh_cfg, model_cfg=cfg, batch_size=8, seq_len=seq_len)
+
+
+@pytest.mark.parametrize(
+    "seq_len, context, match",
+    [
+        (36, 1, r"^config\.model\.capacity_group=8: must divide config\.seq_len=36$"),
+        (48, 4, r"^config\.model\.capacity_group=8: must divide the context shard length config\.seq_len"),
+    ],
+)
+def test_capacity_group_checked_against_seq_len_and_context(seq_len, context, match):
+    config = tiny.get_config()
+    config.seq_len, config.mesh.context, config.model.capacity_group = seq_len, context, 8
+    with pytest.raises(ConfigError, match=match):
+        check_train_config(config)
+    config.seq_len = 64  # 2 shards of 32 tokens, 4 groups each
+    check_train_config(config)
 
 
 def test_mamba_cp_scheme_is_validated():

@@ -12,7 +12,7 @@ from jax.test_util import check_grads
 
 import configs.tiny
 from pallas_kernels import moe as ops
-from turbos_jax.config import ModelConfig
+from turbos_jax.config import ConfigError, ModelConfig
 from turbos_jax.layers.moe import AUX_KEYS, MoEFFN
 
 
@@ -339,6 +339,48 @@ def test_small_capacity_drops_exactly_the_low_priority_choices():
     np.testing.assert_allclose(y, want, rtol=1e-4, atol=1e-5)
     _assert_aux(aux, want_aux)
     np.testing.assert_allclose(aux["moe_dropped_fraction"], (~kept).mean(), rtol=1e-6)
+
+
+def test_capacity_group_of_whole_sequence_equals_group_0():
+    x = _x((2, 16, 64), seed=4)
+    whole, group0 = (MoEFFN(_cfg(capacity_factor=0.5, capacity_group=n), rngs=nnx.Rngs(2)) for n in (16, 0))
+    for m in (whole, group0):
+        _sharpen_router(m)
+    (y, aux), (want, want_aux) = _apply(whole, x), _apply(group0, x)
+    assert float(want_aux["moe_dropped_fraction"]) > 0
+    np.testing.assert_array_equal(y, want)
+    for key in AUX_KEYS:
+        np.testing.assert_array_equal(aux[key], want_aux[key])
+
+
+def test_capacity_groups_equal_slices_run_as_sequences():
+    """Groups of 8 tokens in 16-token rows route like 8-token sequences: same slots, same drops
+    (capacity 0.5 * 8 * 2 / 8 = 1 slot per expert and group). Negative controls: whole-row groups
+    and 4-token groups drop other choices."""
+    b, l, n, d = 2, 16, 8, 64
+    x = _x((b, l, d), seed=5)
+    layers = {g: MoEFFN(_cfg(capacity_factor=0.5, capacity_group=g), rngs=nnx.Rngs(6)) for g in (n, 0, 4)}
+    for m in layers.values():
+        _sharpen_router(m)
+    y, aux = _apply(layers[n], x)
+    want, want_aux = _apply(layers[0], x.reshape(b * l // n, n, d))  # each slice its own sequence
+    assert 0 < float(want_aux["moe_dropped_fraction"]) < 1
+    np.testing.assert_allclose(y, want.reshape(b, l, d), rtol=1e-6, atol=1e-6)
+    _assert_aux(aux, {key: np.asarray(v) for key, v in want_aux.items()})
+    for wrong in (0, 4):
+        other, other_aux = _apply(layers[wrong], x)
+        assert float(other_aux["moe_dropped_fraction"]) != float(aux["moe_dropped_fraction"])
+        assert not np.allclose(other, y, rtol=1e-3, atol=1e-3)
+
+
+def test_capacity_group_must_divide_the_sequence():
+    m = MoEFFN(_cfg(capacity_factor=0.5, capacity_group=6), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="capacity_group 6 must divide the sequence length 16"):
+        _apply(m, _x((1, 16, 64)))
+    model = configs.tiny.get_config().model
+    model.capacity_group = -1
+    with pytest.raises(ConfigError, match=r"^config\.model\.capacity_group=-1: must be an integer >= 0"):
+        ModelConfig.from_config(model)
 
 
 def test_aux_losses_on_hand_computed_case():

@@ -24,6 +24,7 @@ STAGE_KEYS = {
     "data.mixture",
     "optim.schedule",
     "model.rope_alpha",
+    "model.capacity_group",
 }
 
 
@@ -61,6 +62,9 @@ def test_stage_changes_only_stage_keys(module, before, seq_len, alpha, tokens_pe
     assert weights["short"] / weights["long"] == 3.0
     shape = sharding.mesh_shape(config.mesh, 512)
     assert shape["context"] > 1 and config.seq_len % shape["context"] == 0
+    # MoE capacity groups are the 4K stage's sequences, inside every context shard.
+    assert config.model.capacity_group == turbos.get_config().seq_len
+    assert (config.seq_len // shape["context"]) % config.model.capacity_group == 0
 
 
 @pytest.mark.parametrize("module", [turbos_32k, turbos_256k])

@@ -117,6 +117,7 @@ class ModelConfig:
     renorm_topk: bool
     routed_scale: float
     capacity_factor: float
+    capacity_group: int
     aux_loss_weight: float
     z_loss_weight: float
     expert_parallel: str
@@ -255,6 +256,8 @@ class ModelConfig:
             fail("top_k", f"must be <= num_experts={self.num_experts}")
         if self.capacity_factor < 0:
             fail("capacity_factor", "must be >= 0 (0 selects dropless routing)")
+        if not isinstance(self.capacity_group, int) or self.capacity_group < 0:
+            fail("capacity_group", "must be an integer >= 0 (0 = one group per sequence)")
         if self.rope_theta <= 0:
             fail("rope_theta", "must be > 0")
         if self.rope_alpha < 1:
@@ -319,9 +322,25 @@ def check_train_config(config) -> None:
     for key in ("eval_every_steps", "eval_batches"):
         if not isinstance(config[key], int) or config[key] < 0:
             fail(key, "must be an integer >= 0")
+    mesh = config.get("mesh") or {}
+    check_capacity_group(config.model.get("capacity_group", 0), config.seq_len, mesh.get("context", 1))
     if config.on_nonfinite not in ("stop", "skip"):
         fail("on_nonfinite", "expected 'stop' or 'skip'")
     if not isinstance(config.compilation_cache_dir, str):
         fail("compilation_cache_dir", "expected a directory path, or '' for no cache")
     if not isinstance(config.init_from, str):
         fail("init_from", "expected a workdir path, or '' to start from scratch")
+
+
+def check_capacity_group(group: int, seq_len: int, context: int) -> None:
+    """Capacity groups of `group` tokens must tile every sequence, and with context parallelism
+    every context shard, so that no group crosses a shard edge (layers/moe.py)."""
+    if not group:
+        return
+    if seq_len % group:
+        raise ConfigError(f"config.model.capacity_group={group!r}: must divide config.seq_len={seq_len}")
+    if context > 1 and (seq_len // context) % group:
+        raise ConfigError(
+            f"config.model.capacity_group={group!r}: must divide the context shard length "
+            f"config.seq_len / config.mesh.context = {seq_len} / {context}"
+        )

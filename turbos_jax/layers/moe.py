@@ -22,21 +22,24 @@ Routing, per token (router math in float32):
      (the shared expert still runs on them, harmlessly).
   6. Expert compute in cfg.dtype, by one of two modes:
 
-Capacity mode (cfg.capacity_factor > 0, TurboS training): groups are sequences (G = B, S = L) and
-every expert has C = cfg.capacity(L) = ceil(capacity_factor * L * k / E) slots per sequence.
+Capacity mode (cfg.capacity_factor > 0, TurboS training): tokens are routed in capacity groups of
+N = cfg.capacity_group consecutive tokens (N = L, one group per sequence, when it is 0): G = B * L/N
+groups of S = N tokens, and every expert has C = cfg.capacity(N) = ceil(capacity_factor * N * k / E)
+slots per group. A group of N routes exactly as an N-token sequence would.
   a. Slots are claimed in token order, each token's choices first-to-last (`capacity_positions`).
      Token-major order keeps the model causal: whether token t keeps a choice depends only on
      tokens <= t. (GShard's order, all first choices before any second choice, lets a later
      token's first choice evict an earlier token's second choice.)
   b. A choice whose slot is >= C is dropped: it contributes nothing and its gate weight is NOT
      re-spread over the token's other choices. Under overflow the latest tokens lose their
-     choices first. Documents packed into one sequence share its capacity.
+     choices first. Documents packed into one group share its capacity.
   c. tokens -> expert-major (E, G, C, D) buffers (scatter), experts as einsums batched over the
      leading E on (E, G*C, D) rows (`_capacity_experts`), gate-weighted gather back to (G, S, D).
   d. Expert parallelism (cfg.expert_parallel == "auto" and the mesh in context has expert > 1):
      step c runs inside `jax.shard_map` with two all-to-alls over the `expert` axis; see
-     `_capacity_expert_parallel` and docs/sharding.md. Per-sequence capacity makes the result
-     independent of the mesh. Otherwise GSPMD partitions the einsums.
+     `_capacity_expert_parallel` and docs/sharding.md. Per-group capacity makes the result
+     independent of the mesh. Otherwise GSPMD partitions the einsums. With context parallelism,
+     groups of N > 0 tokens must tile each context shard (checked), so each shard routes its own.
 
 Dropless mode (cfg.capacity_factor == 0): the B*L tokens are flattened, their T*k choices sorted by
 expert, rows permuted into expert order, three grouped matmuls (ragged_dot) and a gate-weighted
@@ -68,7 +71,7 @@ from jax.sharding import PartitionSpec as P
 import pallas_kernels
 from pallas_kernels import moe as moe_ops
 from turbos_jax.config import ModelConfig
-from turbos_jax.layers import expert_parallel
+from turbos_jax.layers import context_parallel, expert_parallel
 from turbos_jax.layers.mlp import activate, swiglu  # noqa: F401 (swiglu re-exported)
 from turbos_jax.sharding import constrain, param
 
@@ -175,25 +178,42 @@ class MoEFFN(nnx.Module):
         h = constrain(h, ("batch", "seq", "mlp"))
         return h @ self.shared_down[...].astype(dt)
 
+    def _group_size(self, length: int) -> int:
+        """Tokens per capacity group: cfg.capacity_group, or the whole sequence when it is 0."""
+        n = self.cfg.capacity_group or length
+        cp = context_parallel.context_size()
+        if length % n or (self.cfg.capacity_group and (length // cp) % n):
+            raise ValueError(
+                f"capacity_group {n} must divide the sequence length {length} and each of its "
+                f"{cp} context shards"
+            )
+        return n
+
     def _capacity(self, x, ids, gates, valid, n_valid, impl):
         cfg = self.cfg
-        b, l, _ = x.shape
-        e = cfg.num_experts
-        c = cfg.capacity(l)
-        pos = moe_ops.capacity_positions(ids, e)  # [G, S, K]
-        kept = (pos >= 0) & (pos < c)  # [G, S, K]
+        b, l, d = x.shape
+        e, k = cfg.num_experts, cfg.top_k
+        n = self._group_size(l)
+        c = cfg.capacity(n)
+        grouped = lambda a: a.reshape(b * (l // n), n, *a.shape[2:])  # [B, L, ...] -> [G, N, ...]
+        pos = moe_ops.capacity_positions(grouped(ids), e).reshape(b, l, k)  # slot in the token's group
+        kept = (pos >= 0) & (pos < c)  # [B, L, K]
         n_dropped = jnp.sum((~kept & valid[..., None]).astype(jnp.float32))
-        dropped = n_dropped / (n_valid * cfg.top_k)
+        dropped = n_dropped / (n_valid * k)
 
         mesh = self._expert_parallel_mesh(b)
         if mesh is not None:
-            return self._capacity_expert_parallel(mesh, x, ids, pos, gates, c, impl), dropped
-        xe = moe_ops.capacity_dispatch(x, ids, pos, c, e, impl=impl)  # [E, G, C, D]
-        xe = constrain(xe, ("expert", "batch", None, None))
-        ye = _capacity_experts(xe, *self._weights(), constrain_hidden=True)  # [E, G, C, D]
-        ye = constrain(ye, ("expert", "batch", None, None))
-        y = moe_ops.capacity_combine(ye, ids, pos, gates, c, impl=impl)  # [G, S, D]
-        return y, dropped
+            return self._capacity_expert_parallel(mesh, x, ids, pos, gates, n, c, impl), dropped
+        ids, pos, gates = grouped(ids), grouped(pos), grouped(gates)  # [G, N, K]
+        xe = moe_ops.capacity_dispatch(grouped(x), ids, pos, c, e, impl=impl)  # [E, G, C, D]
+        # G = (B, L/N): rows over the batch axes, a row's groups over `context` (when L/N > 1).
+        names = ("expert", "batch", "seq" if n < l else None, None, None)
+        xe = constrain(xe.reshape(e, b, l // n, c, d), names).reshape(e, -1, c, d)
+        # The hidden's merged (G*C) rows can name only the batch axes: constrain it per sequence.
+        ye = _capacity_experts(xe, *self._weights(), constrain_hidden=n == l)  # [E, G, C, D]
+        ye = constrain(ye.reshape(e, b, l // n, c, d), names).reshape(e, -1, c, d)
+        y = moe_ops.capacity_combine(ye, ids, pos, gates, c, impl=impl)  # [G, N, D]
+        return y.reshape(b, l, d), dropped
 
     def _expert_parallel_mesh(self, batch: int, kernels: bool = False):
         """The context mesh when the all-to-all path applies, else None (GSPMD path).
@@ -214,25 +234,29 @@ class MoEFFN(nnx.Module):
             return None
         return mesh
 
-    def _capacity_expert_parallel(self, mesh, x, ids, pos, gates, c, impl):
-        """Capacity-mode experts with the mesh axes manual: -> y (G, S, D).
+    def _capacity_expert_parallel(self, mesh, x, ids, pos, gates, n, c, impl):
+        """Capacity-mode experts with the mesh axes manual: x (B, L, D), ids/pos/gates (B, L, K),
+        n tokens per group, C slots per expert and group -> y (B, L, D).
 
-        Per device (ep = mesh expert size, El = E / ep, Gl = local sequences, Fm = F / model):
-          1. dispatch its Gl sequences locally into expert-major (E, Gl, C, D) buffers;
+        Per device (ep = mesh expert size, El = E / ep, Gl = local groups, Fm = F / model):
+          1. dispatch its Gl groups locally into expert-major (E, Gl, C, D) buffers;
           2. all-to-all over `expert`: split E into ep blocks of El experts, send block j to expert
              shard j, concatenate what arrives along G -> (El, ep * Gl, C, D): every slot of this
-             shard's experts, from every sequence of the ep devices in its expert group;
+             shard's experts, from every group of the ep devices in its expert group;
           3. the SwiGLU einsums with the local (El, D, Fm) / (El, Fm, D) weights; psum over `model`
              (the F contraction is split over it);
           4. the inverse all-to-all -> (E, Gl, C, D), and the local gate-weighted combine.
         Weights enter gathered over `data` (FSDP) and sharded (expert, -, model).
 
-        With context parallelism (cp = mesh context size > 1) the sequence stays sharded: slots
-        (`pos`, computed over whole sequences) are the same as without CP; each device dispatches
-        its own tokens into a buffer padded to Cp = cp * ceil(C / cp) slots, a reduce-scatter
-        over `context` leaves each device Cp / cp slots filled by every shard's tokens (each slot
-        has one token), steps 2-4 run on those, and an all-gather over `context` before the
-        combine returns every slot's output to the device holding its token.
+        With context parallelism (cp = mesh context size > 1) the sequence stays sharded. Groups of
+        cfg.capacity_group tokens never cross a shard edge (checked), so each device simply runs
+        steps 1-4 on the groups of its own shard. Whole-sequence groups (capacity_group 0) span
+        the shards: slots (`pos`, computed over whole sequences) are the same as without CP; each
+        device dispatches its own tokens into a full-sequence buffer padded to
+        Cp = cp * ceil(C / cp) slots, a reduce-scatter over `context` leaves each device Cp / cp
+        slots filled by every shard's tokens (each slot has one token), steps 2-4 run on those,
+        and an all-gather over `context` before the combine returns every slot's output to the
+        device holding its token.
         """
         cfg = self.cfg
         e = cfg.num_experts
@@ -241,21 +265,26 @@ class MoEFFN(nnx.Module):
         model = "model" if "model" in names else None
         cp = mesh.shape.get("context", 1)
         tok = P(batch_axes, "context" if cp > 1 else None, None)
-        c_pad = -(-c // cp) * cp
+        span = cp > 1 and cfg.capacity_group == 0  # groups span the context shards
+        c_buf = -(-c // cp) * cp if span else c
 
         def body(x, ids, pos, gates, wg, wu, wo):
-            pos = jnp.where(pos < c, pos, -1)  # over capacity: dropped from the padded buffer too
-            xe = moe_ops.capacity_dispatch(x, ids, pos, c_pad, e, impl=impl)  # [E, Gl, Cp, D]
-            if cp > 1:
-                xe = jax.lax.psum_scatter(xe, "context", scatter_dimension=2, tiled=True)  # [E, Gl, Cp/cp, D]
-            xe = jax.lax.all_to_all(xe, "expert", 0, 1, tiled=True)  # [El, ep*Gl, Cp/cp, D]
-            ye = _capacity_experts(xe, wg, wu, wo)  # [El, ep*Gl, Cp/cp, D]
+            bl, ll, d = x.shape
+            size = ll if span else n  # tokens per dispatch row: the local shard, or one group
+            grouped = lambda a: a.reshape(bl * ll // size, size, *a.shape[2:])  # [Gl, S, ...]
+            ids, pos, gates = grouped(ids), grouped(jnp.where(pos < c, pos, -1)), grouped(gates)
+            xe = moe_ops.capacity_dispatch(grouped(x), ids, pos, c_buf, e, impl=impl)  # [E, Gl, Cb, D]
+            if span:
+                xe = jax.lax.psum_scatter(xe, "context", scatter_dimension=2, tiled=True)  # [E, Gl, Cb/cp, D]
+            xe = jax.lax.all_to_all(xe, "expert", 0, 1, tiled=True)  # [El, ep*Gl, ., D]
+            ye = _capacity_experts(xe, wg, wu, wo)  # [El, ep*Gl, ., D]
             if model is not None:
                 ye = jax.lax.psum(ye, model)
-            ye = jax.lax.all_to_all(ye, "expert", 1, 0, tiled=True)  # [E, Gl, Cp/cp, D]
-            if cp > 1:
-                ye = jax.lax.all_gather(ye, "context", axis=2, tiled=True)  # [E, Gl, Cp, D]
-            return moe_ops.capacity_combine(ye, ids, pos, gates, c_pad, impl=impl)  # [Gl, S, D]
+            ye = jax.lax.all_to_all(ye, "expert", 1, 0, tiled=True)  # [E, Gl, ., D]
+            if span:
+                ye = jax.lax.all_gather(ye, "context", axis=2, tiled=True)  # [E, Gl, Cb, D]
+            y = moe_ops.capacity_combine(ye, ids, pos, gates, c_buf, impl=impl)  # [Gl, S, D]
+            return y.reshape(bl, ll, d)
 
         w_in, w_out = P("expert", None, model), P("expert", model, None)
         fn = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, tok, w_in, w_in, w_out), out_specs=tok)
