@@ -30,6 +30,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 1000  # Orbax save cadence (also saved on SIGTERM and at the end)
     config.keep_checkpoints = 3  # newest complete checkpoints kept
     config.on_nonfinite = "stop"  # non-finite loss: "stop" (last good checkpoint kept) or "skip"
+    # A workdir whose newest checkpoint starts this run when its own workdir has none (a resume
+    # wins): `train` takes parameters, optimizer state and step (the next pre-training stage),
+    # `sft` parameters only (docs/training.md). "" = start from scratch.
+    config.init_from = ""
     # Persistent XLA compilation cache: reruns load compiled programs instead of compiling them,
     # and on CPU their steps run faster too (turbos_jax/compile_cache.py). "" = off; the
     # JAX_COMPILATION_CACHE_DIR environment variable, when set, takes precedence.

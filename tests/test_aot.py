@@ -35,7 +35,9 @@ def test_aot_report_or_one_line_error():
         "--json",
         "--config.mesh.data=1",
         "--config.mesh.expert=2",
-        "--config.mesh.model=2",
+        "--config.mesh.model=1",
+        "--config.mesh.context=2",
+        "--config.seq_len=256",
     )
     have_libtpu = importlib.util.find_spec("libtpu") is not None or bool(
         os.environ.get("TURBOS_TEST_LIBTPU_PATH")
@@ -52,7 +54,11 @@ def test_aot_report_or_one_line_error():
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout)
     assert r["topology"] == "v5p:2x2x1" and r["devices"] == 4
-    assert r["mesh"] == {"data": 1, "expert": 2, "model": 2, "context": 1}
+    assert r["mesh"] == {"data": 1, "expert": 2, "model": 1, "context": 2}
+    # Expert parallelism's all-to-alls and context parallelism's exchanges are in the TPU program:
+    # the conv halo and sequential hops are collective-permutes, K/V and state summaries all-gathers.
+    c = r["collectives"]
+    assert c["all-to-all"] > 0 and c["collective-permute"] > 0 and c["all-gather"] > 0
     b = r["per_device_bytes"]
     assert (
         b["total"]

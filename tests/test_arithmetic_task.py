@@ -169,7 +169,7 @@ def test_cli_writes_three_files(tmp_path):
     }
     assert [len(lines) for lines in files.values()] == [40, 12, 8]
     assert set(json.loads(files["train.jsonl"][0])) == {"prompt", "response"}
-    assert set(json.loads(files["eval.jsonl"][0])) == {"prompt", "answer"}
+    assert set(json.loads(files["eval.jsonl"][0])) == {"prompt", "response", "answer"}
     assert set(json.loads(files["rl_prompts.jsonl"][0])) == {"prompt", "answer"}
     expected = arithmetic.generate(12, split="eval", seed=5, levels=(1, 2, 3), unique=True)
     assert [json.loads(line)["prompt"] for line in files["eval.jsonl"]] == [p.prompt for p in expected]

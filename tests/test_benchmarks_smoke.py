@@ -92,3 +92,31 @@ def test_device_rooflines():
     assert kernels.device_roofline(Dev("TPU v5p"))[1:] == (459e12, 2.76e12)
     assert kernels.device_roofline(Dev("TPU v6 lite"))[1:] == (918e12, 1.64e12)
     assert kernels.device_roofline(Dev("cpu"))[1:] == (None, None)
+
+
+def test_decode_throughput_smoke_prints_both_tables():
+    """benchmarks/decode_throughput.py --smoke: the step-time tables against context (a) and
+    against max_len (b), the latter with XLA's bytes accessed, which does not depend on max_len
+    once the block size is the same (a decode step reads only the filled blocks)."""
+    env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+    script = os.path.join(ROOT, "benchmarks", "decode_throughput.py")
+    proc = subprocess.run(
+        [sys.executable, script, "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    rows = lambda header: [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in lines[next(i for i, line in enumerate(lines) if line.startswith(header)) + 2 :]
+        if line.startswith("|")
+    ][:2]
+    by_context = rows("| context T (max_len 1,024)")
+    by_max_len = rows("| max_len (context 32)")
+    assert [r[0] for r in by_context] == ["32", "1,020"] and all(float(r[3]) > 0 for r in by_context)
+    assert [r[0] for r in by_max_len] == ["1,024", "4,096"] and all(float(r[3]) > 0 for r in by_max_len)
+    assert by_max_len[0][4] == by_max_len[1][4]  # compiled bytes accessed, max_len 1024 vs 4096

@@ -32,9 +32,8 @@ def test_cli_generates_from_trained_checkpoint(tmp_path):
         timeout=600,
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    out = _generate_cli(
-        tmp_path, "--prompt=Hello", "--max_new_tokens=12", "--temperature=0.8", "--top_k=20", "--seed=1"
-    )
+    sampling = ["--max_new_tokens=12", "--temperature=0.8", "--top_k=20", "--seed=1"]
+    out = _generate_cli(tmp_path, "--prompt=Hello", *sampling, "--prefill_chunk=2")  # 3 chunks
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("[checkpoint step 2] Hello") and len(out.stdout.strip()) > 25
 
@@ -46,3 +45,5 @@ def test_cli_errors(tmp_path):
     assert len(out.stderr.strip().splitlines()) == 1
     out = _generate_cli(tmp_path, "--prompt=Hi", "--top_p=1.5")
     assert out.returncode == 1 and "top_p" in out.stderr.strip().splitlines()[-1]
+    out = _generate_cli(tmp_path, "--prompt=Hi", "--prefill_chunk=-1")
+    assert out.returncode == 1 and "--prefill_chunk=-1" in out.stderr.strip().splitlines()[-1]

@@ -17,7 +17,7 @@ from turbos_jax.generation import cache as cache_lib
 from turbos_jax.generation import sampling as S
 from turbos_jax.generation.api import generate, generation_graphdef
 from turbos_jax.generation.quantize import QTensor, nbytes, quantize_params
-from turbos_jax.model import init_model
+from turbos_jax.model import TurbosModel, init_model
 
 L, N = 12, 200  # prompt buffer length, decode steps (long enough to see bf16 state drift)
 LENGTHS = np.array([12, 5, 9], np.int32)  # different prompt lengths in one batch
@@ -231,3 +231,14 @@ def test_generate_rejects_bad_lengths(setup):
     graphdef, params, full, _ = setup
     with pytest.raises(ValueError, match="lengths must be in"):
         generate(graphdef, params, full[:, :L], np.array([0, 3, 4]), max_new_tokens=2)
+
+
+def test_int8_quantizes_dense_ffn_weights():
+    """Layout symbol D (HF-imported dense FFN layers): gate, up and down are int8 too."""
+    config = tiny.get_config()
+    config.model.layout, config.model.mlp_dim = "MDAD", 32
+    model = TurbosModel(ModelConfig.from_config(config.model), rngs=nnx.Rngs(0))
+    q = quantize_params(nnx.state(model, nnx.Param))
+    for i in (1, 3):
+        for name in ("gate", "up", "down"):
+            assert isinstance(q["period"][i]["layer"][name].value, QTensor), (i, name)

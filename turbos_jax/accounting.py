@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -140,5 +141,17 @@ def summarize(cfg: ModelConfig, seq_len: int) -> dict:
         "params_routed_experts": counts.routed_experts,
         "seq_len": seq_len,
         "training_flops_per_token": training_flops_per_token(cfg, seq_len, counts),
-        **cache_bytes(cfg),
+        # The caches as generation allocates them (generation/cache.py): K/V in kv_cache_dtype,
+        # the SSM state in ssm_state_dtype, the conv taps in the compute dtype.
+        **cache_bytes(
+            cfg,
+            kv_bytes=jnp.dtype(cfg.kv_cache_dtype).itemsize,
+            ssm_bytes=jnp.dtype(cfg.ssm_state_dtype).itemsize,
+            conv_bytes=jnp.dtype(cfg.dtype).itemsize,
+        ),
+        "cache_dtypes": {
+            "kv": jnp.dtype(cfg.kv_cache_dtype).name,
+            "ssm": jnp.dtype(cfg.ssm_state_dtype).name,
+            "conv": jnp.dtype(cfg.dtype).name,
+        },
     }

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 
 import jax
 from absl import app, flags
@@ -151,8 +152,24 @@ def analyse(config, topology: str) -> dict:
         "flops_per_device": float(cost.get("flops", 0.0)) if cost else None,
         "kernel_impl": model_cfg.kernel_impl,
         "mosaic_kernel_calls": hlo.count('custom_call_target="tpu_custom_call"'),
+        "collectives": count_collectives(hlo),
         "fits": None if hbm is None else per_device["total"] <= hbm,
     }
+
+
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "collective-permute", "all-to-all")
+
+
+def count_collectives(hlo_text: str) -> dict[str, int]:
+    """Cross-device collectives in a compiled program's HLO text, by kind: each op counted once
+    (an async pair `all-gather-start` / `-done` is one all-gather). Shows, e.g., that context
+    parallelism's state exchange and K/V gathers are in the program, and how many there are (a
+    scanned layer body counts once, however many layers it runs)."""
+    counts = {}
+    for kind in COLLECTIVES:
+        pattern = rf"\s{re.escape(kind)}(?:-start)?\("
+        counts[kind] = len(re.findall(pattern, hlo_text))
+    return counts
 
 
 def format_table(r: dict) -> str:
@@ -171,6 +188,8 @@ def format_table(r: dict) -> str:
         lines.append(f"FLOPs/step per device  {r['flops_per_device']:.4g}")
     if "kernel_impl" in r:
         lines.append(f"kernels    {r['kernel_impl']} ({r['mosaic_kernel_calls']} Mosaic calls)")
+    if r.get("collectives"):
+        lines.append("collectives " + ", ".join(f"{k} {v}" for k, v in r["collectives"].items()))
     if r["hbm_bytes"] is None:
         lines.append("HBM        unknown chip: no fit verdict")
     else:

@@ -58,6 +58,15 @@ class ProcessCountMismatchError(CheckpointError, cli.UserError):
     """The newest checkpoint's data-iterator state was saved by a different number of processes."""
 
 
+class InitFromError(CheckpointError, cli.UserError):
+    """config.init_from holds no readable checkpoint."""
+
+
+def has_steps(directory: str) -> bool:
+    """Whether `directory` (a run's checkpoints/) holds any finalised step."""
+    return os.path.isdir(directory) and any(d.isdigit() for d in os.listdir(directory))
+
+
 class Checkpointer:
     """Saves and restores `{"state": pytree, "data": grain iterator}` by step."""
 
@@ -175,6 +184,53 @@ class Checkpointer:
         self._manager.close()
 
 
+def restore_for_init(
+    directory: str, abstract_state: Any, *, params_only: bool, explain=None
+) -> tuple[int, Any]:
+    """Another run's newest readable step in `directory` (its checkpoints/) as the start of this run
+    -> (step, state). Reads only; nothing there is moved or written.
+
+    params_only: only `abstract_state["params"]` is read (Orbax partial restore) and compared, so
+    the other run's optimizer may differ; returns {"params": ...}. Otherwise the whole state
+    (params, optimizer state, step) must match and is returned; the data iterator is never read.
+    A mismatch is `IncompatibleCheckpointError` (the first differing path, parameters first, and
+    `explain`'s hint); an unreadable step is skipped with a warning (left in place) for the previous
+    one; no readable step is `InitFromError`."""
+    target = {"params": abstract_state["params"]} if params_only else abstract_state
+    steps = sorted(int(d) for d in os.listdir(directory) if d.isdigit()) if os.path.isdir(directory) else []
+    if not steps:
+        raise InitFromError(f"config.init_from: no checkpoint in {directory}")
+    for step in reversed(steps):
+        state_dir = epath.Path(directory) / str(step) / "state"
+        only = "params" if params_only else None
+        verdict, detail = _agreed(*_compare(state_dir, target, explain, only=only))
+        if verdict == _INCOMPATIBLE:
+            raise IncompatibleCheckpointError(
+                f"config.init_from: checkpoint step {step} in {directory} does not match this config: "
+                f"{detail}; nothing was written or moved"
+            )
+        state = None
+        if verdict == _OK:
+            handler = ocp.PyTreeCheckpointHandler()
+            try:
+                restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+                args = ocp.args.PyTreeRestore(target, restore_args=restore_args, partial_restore=params_only)
+                state = handler.restore(state_dir, args=args)
+            except Exception as e:  # noqa: BLE001 - any read failure of a compatible step is damage
+                verdict, detail = _DAMAGED, _first_line(e)
+            finally:
+                handler.close()
+            verdict, detail = _agreed(verdict, detail)
+        if verdict == _OK:
+            return step, state
+        print(
+            f"warning: config.init_from: checkpoint step {step} in {directory} is unreadable ({detail}); "
+            "left in place, trying the previous one",
+            flush=True,
+        )
+    raise InitFromError(f"config.init_from: no readable checkpoint in {directory} (steps {steps})")
+
+
 # ------------------------------------------------------------------------------ verdicts
 _OK, _DAMAGED, _INCOMPATIBLE = 0, 1, 2  # ordered by caution: the largest verdict of any process wins
 _NAMES = {_OK: "ok", _DAMAGED: "unreadable", _INCOMPATIBLE: "incompatible"}
@@ -211,12 +267,15 @@ def _describe(leaf) -> str:
     return f"{tuple(leaf.shape)} {np.dtype(leaf.dtype).name}"
 
 
-def _compare(state_dir: epath.Path, abstract_state, explain) -> tuple[int, str]:
-    """Step 1 of the module docstring -> (verdict, detail) for this process."""
+def _compare(state_dir: epath.Path, abstract_state, explain, *, only: str | None = None) -> tuple[int, str]:
+    """Step 1 of the module docstring -> (verdict, detail) for this process. `only`: compare the
+    checkpoint's leaves under this top-level key (e.g. "params") and ignore the rest."""
     handler = ocp.StandardCheckpointHandler()
     try:
         metadata = handler.metadata(state_dir)
         saved = {leaf_path(p): _describe(v) for p, v in jax.tree_util.tree_leaves_with_path(metadata)}
+        if only is not None:
+            saved = {p: v for p, v in saved.items() if p.startswith(only + "/")}
     except Exception as e:  # noqa: BLE001 - unreadable metadata is damage, not a mismatch
         return _DAMAGED, _first_line(e)
     finally:

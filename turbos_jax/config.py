@@ -302,6 +302,7 @@ def check_train_config(config) -> None:
         "keep_checkpoints",
         "on_nonfinite",
         "compilation_cache_dir",
+        "init_from",
     ):
         if key not in config:
             raise ConfigError(f"config.{key}: required key is missing")
@@ -327,6 +328,8 @@ def check_train_config(config) -> None:
         fail("on_nonfinite", "expected 'stop' or 'skip'")
     if not isinstance(config.compilation_cache_dir, str):
         fail("compilation_cache_dir", "expected a directory path, or '' for no cache")
+    if not isinstance(config.init_from, str):
+        fail("init_from", "expected a workdir path, or '' to start from scratch")
 
 
 def check_capacity_group(group: int, seq_len: int, context: int) -> None:

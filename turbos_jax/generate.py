@@ -1,13 +1,15 @@
 r"""Samples a continuation from a trained checkpoint:
 
     python -m turbos_jax.generate --config=configs/tiny.py --workdir=/tmp/turbos-tiny \
-        --prompt="Once upon a time" --max_new_tokens=64 --temperature=0.8 --top_p=0.95 --seed=0
+        --prompt="Once upon a time" --max_new_tokens=64 --temperature=0.8 --top_p=0.95 --seed=0 \
+        [--prefill_chunk=4096]
 
 1. `config.model` gives the architecture; the model is built abstractly (`nnx.eval_shape`).
 2. Only the "params" subtree of the newest step in WORKDIR/checkpoints/<step>/state is restored
    (Orbax partial restore into those abstract shapes, on one device; the optimizer state is never
    read). --int8 quantises the matmul weights for sampling (generation/quantize.py).
-3. The prompt is tokenized with `config.data.tokenizer`, generation stops at the tokenizer's EOS
+3. The prompt is tokenized with `config.data.tokenizer` (and prefilled --prefill_chunk tokens at a
+   time when set), generation stops at the tokenizer's EOS
    (if it has one) or after --max_new_tokens, and the decoded continuation is printed.
 Mistakes (no checkpoint, bad flags or config keys) end in one `error: ...` line.
 """
@@ -30,12 +32,14 @@ from turbos_jax.generation.sampling import SamplingParams
 
 # absl flags, defined by define_flags() (not on import).
 _CONFIG = _WORKDIR = _PROMPT = _MAX_NEW = _TEMPERATURE = _TOP_K = _TOP_P = _MIN_P = _SEED = _INT8 = None
+_PREFILL_CHUNK = None
 
 
 def define_flags() -> None:
     """This command's absl flags, defined when it runs as `python -m turbos_jax.generate`: importing
     the module (e.g. for `restore_params`, next to `turbos_jax.train`) defines none."""
     global _CONFIG, _WORKDIR, _PROMPT, _MAX_NEW, _TEMPERATURE, _TOP_K, _TOP_P, _MIN_P, _SEED, _INT8
+    global _PREFILL_CHUNK
     if _CONFIG is not None:
         return
     _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
@@ -48,6 +52,9 @@ def define_flags() -> None:
     _MIN_P = flags.DEFINE_float("min_p", 0.0, "Keep tokens with p >= min_p * max p (0 = off).")
     _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
     _INT8 = flags.DEFINE_bool("int8", False, "Int8 weight-only quantisation of matmul weights.")
+    _PREFILL_CHUNK = flags.DEFINE_integer(
+        "prefill_chunk", 0, "Prefill the prompt this many tokens at a time (bounded memory); 0 = at once."
+    )
 
 
 class GenerateError(cli.UserError):
@@ -106,6 +113,8 @@ def main(argv):
         )
     if _MAX_NEW.value < 1:
         raise GenerateError(f"--max_new_tokens={_MAX_NEW.value}: must be >= 1")
+    if _PREFILL_CHUNK.value < 0:
+        raise GenerateError(f"--prefill_chunk={_PREFILL_CHUNK.value}: must be >= 0 (0 = whole prompt)")
     try:
         sampling = SamplingParams(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _MIN_P.value)
     except ValueError as e:
@@ -131,6 +140,7 @@ def main(argv):
         sampling=sampling,
         rng=jax.random.key(_SEED.value),
         eos_id=tokenizer.eos_id,
+        prefill_chunk=_PREFILL_CHUNK.value or None,
     )
     out = [int(t) for t in jax.device_get(tokens)[0, : int(n[0])]]
     if tokenizer.eos_id is not None and out and out[-1] == tokenizer.eos_id:

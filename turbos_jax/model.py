@@ -107,18 +107,50 @@ class Block(nnx.Module):
             (h, _), cache = self.layer(h, valid=valid), {}
         return self._residual(x, h), cache
 
-    def decode(self, x, cache, positions):
-        """One token per sequence: x (B, 1, D), positions (B,) -> (x', updated cache)."""
+    def prefill_chunk(self, x, cache, start, lengths, layer=None):
+        """Positions start .. start + C - 1 of right-padded prompts, x (B, C, D), folded into this
+        layer's cache (holding positions < start) -> (x', cache). Attention runs its decode over the
+        cache (C tokens), Mamba2 its prefill from the carried state, MoE dropless with padding
+        invalid. `layer`: index into the stacked caches of the scanned period (see `decode`)."""
         h = self.norm(x)
         if self.symbol == "A":
-            h, cache = self.layer.decode(h, cache, positions)
+            h, cache = self.layer.decode(h, cache, jnp.full(lengths.shape, start, jnp.int32), layer)
         elif self.symbol == "M":
-            h, cache = self.layer.decode(h, cache)
+            h, own = self.layer.prefill(h, lengths, _own_cache(cache, layer), start)
+            cache = _put_cache(cache, own, layer)
+        elif self.symbol == "D":
+            h, cache = self.layer(h), {}
+        else:
+            valid = start + jnp.arange(x.shape[1], dtype=jnp.int32)[None, :] < lengths[:, None]
+            (h, _), cache = self.layer(h, valid=valid), {}
+        return self._residual(x, h), cache
+
+    def decode(self, x, cache, positions, layer=None):
+        """One token per sequence: x (B, 1, D), positions (B,) -> (x', updated cache). `layer`:
+        the cache leaves are the scanned period's stacks (leading `repeats` axis) and this layer
+        owns index `layer`; attention writes and reads its slice in place (a step touches only the
+        new slot and the filled blocks), the small Mamba2 state is sliced and written back."""
+        h = self.norm(x)
+        if self.symbol == "A":
+            h, cache = self.layer.decode(h, cache, positions, layer)
+        elif self.symbol == "M":
+            h, own = self.layer.decode(h, _own_cache(cache, layer))
+            cache = _put_cache(cache, own, layer)
         elif self.symbol == "D":
             h, cache = self.layer(h), {}
         else:
             (h, _), cache = self.layer(h), {}
         return self._residual(x, h), cache
+
+
+def _own_cache(cache, layer):
+    """A layer's cache: itself, or its slice `layer` of the stacked period caches."""
+    return cache if layer is None else jax.tree.map(lambda a: a[layer], cache)
+
+
+def _put_cache(cache, new, layer):
+    """Inverse of `_own_cache`: the new layer cache, written back into the stack at `layer`."""
+    return new if layer is None else jax.tree.map(lambda a, n: a.at[layer].set(n), cache, new)
 
 
 def _stacked_block(symbol: str, repeats: int, cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
@@ -223,8 +255,14 @@ class TurbosModel(nnx.Module):
     # Layers run in the order of the forward pass; the period is always scanned. Parameters may be
     # int8 QTensors (generation/quantize.py): each layer is dequantised right before it runs.
     def _generation_layers(self, step, x, layer_caches):
-        """Runs every layer: step(block, x, cache_or_None) -> (x, cache). layer_caches is None in
-        prefill. Returns (x, new layer caches)."""
+        """Runs every layer: step(block, x, cache, layer) -> (x, cache). Returns (x, new layer
+        caches, LM head).
+
+        Prefill (layer_caches None): each layer builds its cache (called with cache = layer = None)
+        and the scan stacks the period's. Otherwise the caches are updated in place: the period's
+        stacks are the scan's carry and each period layer gets the whole stack and its index
+        `layer` (slicing a layer's KV cache out and stacking it back would copy all max_len slots
+        every step)."""
         from turbos_jax.generation.quantize import dequantize
 
         def live(module):
@@ -234,35 +272,59 @@ class TurbosModel(nnx.Module):
         out = {"prefix": [], "period": [], "suffix": []}
         get = lambda part, i: None if layer_caches is None else layer_caches[part][i]
         for i, blk in enumerate(self.prefix):
-            x, c = step(live(blk), x, get("prefix", i))
+            x, c = step(live(blk), x, get("prefix", i), None)
             out["prefix"].append(c)
         graphdefs = [nnx.split(b)[0] for b in self.period]
         states = [nnx.split(b)[1] for b in self.period]
-        caches = None if layer_caches is None else layer_caches["period"]
+        repeats = self.cfg.layout_split.repeats
+        blocks = lambda period_states: [
+            nnx.merge(gd, dequantize(st)) for gd, st in zip(graphdefs, period_states, strict=True)
+        ]
+        if layer_caches is None:
 
-        def body(x, inp):
-            period_states, period_caches = inp
-            new = []
-            for j, (gd, st) in enumerate(zip(graphdefs, period_states, strict=True)):
-                x, c = step(
-                    nnx.merge(gd, dequantize(st)), x, None if period_caches is None else period_caches[j]
-                )
-                new.append(c)
-            return x, new
+            def build(x, period_states):
+                new = []
+                for blk in blocks(period_states):
+                    x, c = step(blk, x, None, None)
+                    new.append(c)
+                return x, new
 
-        x, out["period"] = jax.lax.scan(body, x, (states, caches), length=self.cfg.layout_split.repeats)
+            x, out["period"] = jax.lax.scan(build, x, states, length=repeats)
+        else:
+
+            def update(carry, inp):
+                x, caches = carry
+                period_states, r = inp
+                caches = list(caches)
+                for j, blk in enumerate(blocks(period_states)):
+                    x, caches[j] = step(blk, x, caches[j], r)
+                return (x, caches), None
+
+            inputs = (states, jnp.arange(repeats, dtype=jnp.int32))
+            (x, out["period"]), _ = jax.lax.scan(update, (x, layer_caches["period"]), inputs)
         for i, blk in enumerate(self.suffix):
-            x, c = step(live(blk), x, get("suffix", i))
+            x, c = step(live(blk), x, get("suffix", i), None)
             out["suffix"].append(c)
         return x, out, self._head(live)
 
-    def prefill(self, tokens: jax.Array, lengths: jax.Array, max_len: int, all_logits: bool = False):
-        """Right-padded prompts tokens (B, L) int32 with real lengths (B,) (1 <= length <= L) ->
-        (logits, cache). logits: (B, V) at each prompt's last real token, or (B, L, V) with
-        `all_logits`. cache = {"layers": ..., "lengths": (B,) tokens cached per sequence}; KV
-        caches are preallocated to `max_len` positions. Use a cfg with capacity_factor = 0."""
+    def prefill(
+        self,
+        tokens: jax.Array,
+        lengths: jax.Array,
+        max_len: int,
+        all_logits: bool = False,
+        chunk: int | None = None,
+    ):
+        """Right-padded prompts tokens (B, L) int32 with real lengths (B,) (1 <= length <= L <=
+        max_len) -> (logits, cache). logits: (B, V) at each prompt's last real token, or (B, L, V)
+        with `all_logits`. cache = {"layers": ..., "lengths": (B,) tokens cached per sequence}; KV
+        caches are preallocated to `max_len` positions. With `chunk` < L the prompt is folded into
+        an empty cache `chunk` tokens at a time (`_prefill_chunks`): activations and attention
+        blocks scale with the chunk, not L. Use a cfg with capacity_factor = 0."""
         lengths = lengths.astype(jnp.int32)
-        step = lambda blk, x, _: blk.prefill(x, lengths, max_len)
+        if chunk is not None and chunk < tokens.shape[1]:
+            return self._prefill_chunks(tokens, lengths, max_len, all_logits, chunk)
+        step = lambda blk, x, _, __: blk.prefill(x, lengths, max_len)
         x, layers, lm_head = self._generation_layers(step, self.embed(tokens), None)
         h = self.final_norm(x)
         if not all_logits:
@@ -270,11 +332,49 @@ class TurbosModel(nnx.Module):
         logits = lm_head(h)
         return (logits if all_logits else logits[:, 0]), {"layers": layers, "lengths": lengths}
 
+    def _prefill_chunks(self, tokens, lengths, max_len, all_logits, chunk):
+        """Chunked prefill, same result as the one-shot one:
+        1. Pad the prompts to n = ceil(L / chunk) chunks; start from an all-zero cache.
+        2. `lax.scan` over the chunks (one compiled body): embed chunk i (positions i * chunk ..),
+           run every layer's `prefill_chunk` on the carried caches (attention: K/V written, then
+           attend over the filled cache blocks; Mamba2: conv taps and SSM state carried over).
+        3. Keep the logits of each row's last real token from the chunk holding it (or every
+           chunk's logits with `all_logits`).
+        """
+        from turbos_jax.generation.cache import init_cache
+
+        b, l = tokens.shape
+        n = -(-l // chunk)
+        chunks = jnp.pad(tokens, [(0, 0), (0, n * chunk - l)]).reshape(b, n, chunk).swapaxes(0, 1)
+        layers = init_cache(self.cfg, b, max_len)["layers"]
+        last = lengths - 1
+
+        def body(carry, inp):
+            layers, last_logits = carry
+            toks, start = inp
+            step = lambda blk, x, c, r: blk.prefill_chunk(x, c, start, lengths, r)
+            x, layers, lm_head = self._generation_layers(step, self.embed(toks), layers)
+            h = self.final_norm(x)  # (B, chunk, D)
+            if all_logits:
+                return (layers, last_logits), lm_head(h)
+            local = jnp.clip(last - start, 0, chunk - 1)
+            logits = lm_head(jnp.take_along_axis(h, local[:, None, None], axis=1))[:, 0]
+            inside = (last >= start) & (last < start + chunk)
+            return (layers, jnp.where(inside[:, None], logits, last_logits)), None
+
+        logits0 = jnp.zeros((b, self.cfg.padded_vocab), jnp.float32)  # the LM head pads the vocab
+        starts = jnp.arange(n, dtype=jnp.int32) * chunk
+        (layers, logits), per_chunk = jax.lax.scan(body, (layers, logits0), (chunks, starts))
+        cache = {"layers": layers, "lengths": lengths}
+        if all_logits:
+            return per_chunk.swapaxes(0, 1).reshape(b, n * chunk, -1)[:, :l], cache
+        return logits, cache
+
     def decode_step(self, tokens: jax.Array, cache: dict):
         """tokens (B,) int32, the next token of each sequence -> (logits (B, V), cache advanced by
         one token). The token is placed at position cache["lengths"] of its sequence."""
         positions = cache["lengths"]
-        step = lambda blk, x, c: blk.decode(x, c, positions)
+        step = lambda blk, x, c, r: blk.decode(x, c, positions, r)
         x, layers, lm_head = self._generation_layers(step, self.embed(tokens[:, None]), cache["layers"])
         logits = lm_head(self.final_norm(x))[:, 0]
         return logits, {"layers": layers, "lengths": positions + 1}

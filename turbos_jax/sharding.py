@@ -39,6 +39,7 @@ from collections.abc import Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import PartitionSpec
 
 from turbos_jax.config import ConfigError
@@ -364,12 +365,14 @@ def make_mesh(
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(mesh_cfg, len(devices))
     check_mesh(shape, model_cfg, batch_size, grad_accum_steps, seq_len)
-    return jax.make_mesh(
-        tuple(shape[a] for a in MESH_AXES),
-        MESH_AXES,
-        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
-        devices=devices,
-    )
+    sizes, axis_types = tuple(shape[a] for a in MESH_AXES), (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    try:
+        return jax.make_mesh(sizes, MESH_AXES, axis_types=axis_types, devices=devices)
+    except NotImplementedError:
+        # A TPU torus maps each mesh axis onto whole physical axes; sizes such as data 4 x context 2
+        # on an 8x8x8 slice need one physical axis split between two mesh axes.
+        grid = mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
+        return jax.sharding.Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def train_mesh(config, model_cfg, devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:

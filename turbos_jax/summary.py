@@ -39,10 +39,11 @@ def _human(n: float) -> str:
 
 
 def format_table(s: dict) -> str:
-    lay = s["layout"]
+    lay, dt = s["layout"], s["cache_dtypes"]
     lines = [
-        f"layers        {s['num_layers']}  (A {s['layers']['A']}, M {s['layers']['M']}, "
-        f"F {s['layers']['F']})",
+        f"layers        {s['num_layers']}  ("
+        + ", ".join(f"{kind} {n}" for kind, n in s["layers"].items())
+        + ")",
         f"scan          {lay['prefix'] or '-'} + [{lay['period']}] x {lay['repeats']} + "
         f"{lay['suffix'] or '-'}",
         f"params total  {_human(s['params_total'])}  ({s['params_total']:,})",
@@ -54,8 +55,9 @@ def format_table(s: dict) -> str:
         ),
         f"training FLOPs/token at L={s['seq_len']}:",
         *(f"  {k:<12}{_human(v):>10}" for k, v in s["training_flops_per_token"].items()),
-        f"KV cache      {s['kv_bytes_per_token']:,} bytes/token (bf16)",
-        f"Mamba2 state  {s['mamba_bytes_per_sequence']:,} bytes/sequence (fp32 SSM, bf16 conv)",
+        f"KV cache      {s['kv_bytes_per_token']:,} bytes/token ({dt['kv']})",
+        f"Mamba2 state  {s['mamba_bytes_per_sequence']:,} bytes/sequence "
+        f"({dt['ssm']} SSM, {dt['conv']} conv)",
     ]
     return "\n".join(lines)
 

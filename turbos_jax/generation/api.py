@@ -7,8 +7,12 @@
 prompts (B, L) int32 right-padded, lengths (B,) real prompt lengths (>= 1). Returns tokens
 (B, max_new_tokens) int32 -- the continuation, `pad_id` after a sequence's EOS -- and n (B,) int32
 generated tokens per sequence (an EOS counts; n = max_new_tokens when none was produced).
+With `return_logprobs=True` a third output (B, max_new_tokens) fp32 holds each generated token's
+log-probability under the distribution it was sampled from (temperature and filters applied; the
+raw softmax when greedy), 0 after EOS: RL's "sampler" log-probs, compared with the trainer's.
 
-One jitted program: prefill (chunked SSD scan + full-prompt attention, caches built), a first
+One jitted program: prefill (chunked SSD scan + full-prompt attention, caches built; or the
+prompt folded in `prefill_chunk` tokens at a time, memory bounded by the chunk), a first
 sample from each prompt's last real token, then `lax.while_loop` over decode steps (one token per
 sequence per step) until every sequence has produced `eos_id` or `max_new_tokens` are generated.
 Step i samples with `fold_in(rng, i)`, so a seed reproduces a rollout exactly.
@@ -29,7 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from turbos_jax.config import ModelConfig
-from turbos_jax.generation.sampling import SamplingParams, sample
+from turbos_jax.generation.sampling import SamplingParams, filter_logits, sample
 
 
 def generation_graphdef(graphdef, params, **overrides):
@@ -42,13 +46,23 @@ def generation_graphdef(graphdef, params, **overrides):
     return nnx.split(nnx.eval_shape(lambda: TurbosModel(cfg, rngs=nnx.Rngs(0))))[0]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling"))
-def _generate(graphdef, params, prompts, lengths, rng, eos_id, pad_id, *, max_new_tokens, sampling):
+def _token_logprob(logits, tok, sampling: SamplingParams):
+    """log p(tok) (B,) fp32 under the distribution `sample` drew tok from."""
+    scaled = logits.astype(jnp.float32) if sampling.temperature == 0.0 else filter_logits(logits, sampling)
+    logp = jax.nn.log_softmax(scaled, axis=-1)
+    return jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "prefill_chunk"))
+def _generate(
+    graphdef, params, prompts, lengths, rng, eos_id, pad_id, *, max_new_tokens, sampling, prefill_chunk
+):
     model = nnx.merge(graphdef, params)
     b, l = prompts.shape
-    logits, cache = model.prefill(prompts, lengths, l + max_new_tokens)
+    logits, cache = model.prefill(prompts, lengths, l + max_new_tokens, chunk=prefill_chunk)
     first = sample(logits, jax.random.fold_in(rng, 0), sampling)
     out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
+    logps = jnp.zeros((b, max_new_tokens), jnp.float32).at[:, 0].set(_token_logprob(logits, first, sampling))
     eos = eos_id  # -1 = none (traced: a new EOS id does not recompile)
     done = first == eos
     count = jnp.ones((b,), jnp.int32)
@@ -58,18 +72,20 @@ def _generate(graphdef, params, prompts, lengths, rng, eos_id, pad_id, *, max_ne
         return (i < max_new_tokens) & ~jnp.all(done)
 
     def body(carry):
-        i, out, done, count, last, cache = carry
+        i, out, logps, done, count, last, cache = carry
         logits, cache = model.decode_step(last, cache)
         tok = sample(logits, jax.random.fold_in(rng, i), sampling)
+        logp = jnp.where(done, 0.0, _token_logprob(logits, tok, sampling))
         tok = jnp.where(done, pad_id, tok)
         out = out.at[:, i].set(tok)
+        logps = logps.at[:, i].set(logp)
         count = count + (~done).astype(jnp.int32)
         done = done | (tok == eos)
-        return i + 1, out, done, count, tok, cache
+        return i + 1, out, logps, done, count, tok, cache
 
-    carry = (jnp.int32(1), out, done, count, first, cache)
-    _, out, _, count, _, _ = jax.lax.while_loop(cond, body, carry)
-    return out, count
+    carry = (jnp.int32(1), out, logps, done, count, first, cache)
+    _, out, logps, _, count, _, _ = jax.lax.while_loop(cond, body, carry)
+    return out, count, logps
 
 
 def generate(
@@ -83,11 +99,17 @@ def generate(
     rng=None,
     eos_id: int | None = None,
     pad_id: int | None = None,
+    prefill_chunk: int | None = None,
+    return_logprobs: bool = False,
     **cfg_overrides,
 ):
-    """See the module docstring. `cfg_overrides` go to `generation_graphdef` (cache dtypes)."""
+    """See the module docstring. `prefill_chunk`: prefill the prompts this many tokens at a time
+    (memory bounded by the chunk; None = the whole prompt at once). `cfg_overrides` go to
+    `generation_graphdef` (cache dtypes)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+    if prefill_chunk is not None and prefill_chunk < 1:
+        raise ValueError(f"prefill_chunk={prefill_chunk}: must be >= 1 (or None for one-shot prefill)")
     prompts = jnp.asarray(prompts, jnp.int32)
     lengths = jnp.asarray(lengths, jnp.int32)
     if prompts.ndim != 2 or lengths.shape != prompts.shape[:1]:
@@ -101,7 +123,7 @@ def generate(
     rng = jax.random.key(0) if rng is None else rng
     pad = (eos_id if eos_id is not None else 0) if pad_id is None else pad_id
     eos = jnp.int32(-1 if eos_id is None else eos_id)
-    return _generate(
+    out, count, logps = _generate(
         gdef,
         params,
         prompts,
@@ -111,4 +133,6 @@ def generate(
         jnp.int32(pad),
         max_new_tokens=int(max_new_tokens),
         sampling=sampling,
+        prefill_chunk=None if prefill_chunk is None else int(prefill_chunk),
     )
+    return (out, count, logps) if return_logprobs else (out, count)

@@ -1,7 +1,7 @@
 """Int8 weight-only quantisation for sampling: per-output-channel symmetric int8 matmul weights.
 
 `quantize_params(params)` replaces the value of every matmul weight (attention q/k/v/o, Mamba2
-in_proj / out_proj, MoE experts and shared expert, LM head) by a `QTensor(q int8, scale fp32)` with
+in_proj / out_proj, MoE experts and shared expert, dense FFN, LM head) by a `QTensor(q int8, scale fp32)` with
 
     scale = max |w| over the contracted (input) axes / 127,   q = round(w / scale)  in [-127, 127]
 
@@ -40,6 +40,9 @@ CONTRACTED = {
     "shared_gate": (-2,),
     "shared_up": (-2,),
     "shared_down": (-2,),
+    "gate": (-2,),  # dense FFN (layout symbol D, layers/mlp.py)
+    "up": (-2,),
+    "down": (-2,),
     "kernel": (-2,),
 }
 _PARENTS = {

@@ -160,7 +160,7 @@ def _granite(hf: dict) -> dict:
     )
     if hf.get("position_embedding_type") == "rope":
         out |= _rope(hf)
-    elif hf.get("position_embedding_type") is not None:
+    elif hf.get("position_embedding_type") not in (None, "nope"):  # IBM's files say "nope" for none
         raise UnsupportedCheckpointError(
             f"config.json position_embedding_type={hf['position_embedding_type']!r}: unsupported"
         )

@@ -17,7 +17,8 @@ Algorithm:
      when they differ); a key is visible iff it is not in the future
      and belongs to the same segment as the query. Full sequences (training, prefill) run
      `pallas_kernels.attention` (blockwise, no L x S scores; `kernel_impl` picks the reference or the
-     platform kernel); a decode step's single query attends densely over the KV cache (`attend`).
+     platform kernel); decode steps and prefill chunks attend over the filled blocks of the KV
+     cache (`pallas_kernels.attention.decode.cache_attention`).
   5. y = out Wo (B, L, D).
 """
 
@@ -29,6 +30,7 @@ from flax import nnx
 
 from pallas_kernels import attention as attention_ops
 from pallas_kernels import resolve_impl
+from pallas_kernels.attention.decode import cache_attention
 from turbos_jax import sharding
 from turbos_jax.config import ModelConfig
 from turbos_jax.layers import context_parallel
@@ -48,29 +50,6 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
-
-
-@jax.custom_vjp
-def masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
-    """softmax over the last axis of fp32 scores with masked (False) entries excluded (decode).
-
-    The backward is written out, probs * (g - sum(g * probs)), from the saved probs alone: autodiff
-    through where + jax.nn.softmax keeps more residuals and adds passes over the (B, K, G, L, S)
-    scores (measured on XLA:CPU, tiny config: attention layer forward + backward -22 %).
-    """
-    return jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(scores.dtype).min), axis=-1)
-
-
-def _masked_softmax_fwd(scores, mask):
-    probs = masked_softmax(scores, mask)
-    return probs, probs
-
-
-def _masked_softmax_bwd(probs, g):
-    return probs * (g - jnp.sum(g * probs, axis=-1, keepdims=True)), None
-
-
-masked_softmax.defvjp(_masked_softmax_fwd, _masked_softmax_bwd)
 
 
 class Attention(nnx.Module):
@@ -123,17 +102,6 @@ class Attention(nnx.Module):
         q, k = self._position_and_norm(q, k, rope_positions)
         return q, k, v
 
-    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-        """Step 4 densely (decode: L = 1 query over the cache): q (B, L, H, Dh), k/v (B, S, K, Dh),
-        mask (B, L, S) -> out (B, L, H, Dh)."""
-        b, l, h, dh = q.shape
-        kv = self.cfg.num_kv_heads
-        q = q.reshape(b, l, kv, h // kv, dh)
-        scores = jnp.einsum("blkgd,bskd->bkgls", q, k, preferred_element_type=jnp.float32)
-        scores = scores * (dh**-0.5)
-        probs = masked_softmax(scores, mask[:, None, None]).astype(self.cfg.dtype)
-        return jnp.einsum("bkgls,bskd->blkgd", probs, v).reshape(b, l, h, dh)
-
     def attend_sequence(self, q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array) -> jax.Array:
         """Step 4 over a full sequence without L x L memory: q (B, L, H, Dh), k/v (B, L, K, Dh),
         segment_ids (B, L) -> out (B, L, H, Dh). With kernels on, each device runs the kernel on
@@ -180,15 +148,19 @@ class Attention(nnx.Module):
         dt = self.cfg.kv_cache_dtype
         return y, {"k": jnp.pad(k.astype(dt), pad), "v": jnp.pad(v.astype(dt), pad)}
 
-    def decode(self, x: jax.Array, cache: dict, positions: jax.Array):
-        """One token per sequence: x (B, 1, D) at positions (B,) (= tokens already cached) ->
-        (y (B, 1, D), cache with this token's K/V written at `positions`)."""
-        b = x.shape[0]
-        q, k, v = self.project_qkv(x, positions[:, None])
-        rows = jnp.arange(b)
-        kc = cache["k"].at[rows, positions].set(k[:, 0].astype(cache["k"].dtype))
-        vc = cache["v"].at[rows, positions].set(v[:, 0].astype(cache["v"].dtype))
-        mask = (jnp.arange(kc.shape[1], dtype=jnp.int32)[None, :] <= positions[:, None])[:, None]
-        dt = self.cfg.dtype
-        y = self.output(self.attend(q, kc.astype(dt), vc.astype(dt), mask))
-        return y, {"k": kc, "v": vc}
+    def decode(self, x: jax.Array, cache: dict, positions: jax.Array, layer: jax.Array | None = None):
+        """C new tokens per sequence (1 in a decode step, a chunk in chunked prefill): x (B, C, D),
+        the first at positions (B,) (= tokens already cached) -> (y (B, C, D), cache with their K/V
+        written at positions .. positions + C - 1; slots past max_len, only ever prefill padding,
+        are dropped). Each query attends to the cache slots at or before its position, reading only
+        the blocks that hold them (`cache_attention`: cost grows with the filled length, not
+        max_len). `layer`: the cache leaves carry a leading stacked-layer axis (the scanned period)
+        and this layer's slice is read and written in place at that index."""
+        b, c, _ = x.shape
+        pos = positions[:, None] + jnp.arange(c, dtype=jnp.int32)  # (B, C)
+        q, k, v = self.project_qkv(x, pos)
+        at = (jnp.arange(b)[:, None], pos) if layer is None else (layer, jnp.arange(b)[:, None], pos)
+        kc = cache["k"].at[at].set(k.astype(cache["k"].dtype), mode="drop")
+        vc = cache["v"].at[at].set(v.astype(cache["v"].dtype), mode="drop")
+        out = cache_attention(q, kc, vc, pos, layer=layer)
+        return self.output(out), {"k": kc, "v": vc}

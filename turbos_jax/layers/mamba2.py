@@ -203,27 +203,37 @@ class Mamba2(nnx.Module):
         return self.output(y, z)
 
     # ------------------------------------------------------------------ generation (state cache)
-    def prefill(self, x: jax.Array, lengths: jax.Array):
-        """Right-padded prompts x (B, L, D) with real lengths (B,) -> (y (B, L, D), cache).
+    def prefill(self, x: jax.Array, lengths: jax.Array, cache: dict | None = None, start=0):
+        """Positions start .. start + C - 1 of right-padded prompts with real lengths (B,), x (B, C, D)
+        -> (y (B, C, D), cache after them). `cache` holds the state after positions < start (None:
+        empty, for a whole prompt with start = 0); chunked prefill calls this once per chunk.
 
         Padding must not advance the recurrence: dt is processed here (bias, softplus, clamp) and
         set to exactly 0 on padding, so those steps neither decay (exp(0 * A) = 1) nor add input
         (dt * x * B = 0) and the scan's final state is the state after each row's last real token.
+        The conv reads the K-1 inputs before `start` from the cache (zeros before position 0).
         cache = {"conv_x", "conv_B", "conv_C": the last K-1 real pre-conv inputs (B, K-1, ...) in
         cfg.dtype, zeros before the start; "ssm": (B, H, P, N) in cfg.ssm_state_dtype}.
         """
         cfg = self.cfg
         b, l, _ = x.shape
-        valid = jnp.arange(l, dtype=jnp.int32)[None, :] < lengths[:, None]
+        valid = start + jnp.arange(l, dtype=jnp.int32)[None, :] < lengths[:, None]
         z, xs, bm, cm, dts = self.project(x)
         width = cfg.mamba_conv
 
-        def last_inputs(u):  # u_pad[n : n + K-1] = u[n-K+1 : n], zeros before position 0
-            u_pad = jnp.pad(u, [(0, 0), (width - 1, 0)] + [(0, 0)] * (u.ndim - 2))
-            return jax.vmap(lambda r, n: jax.lax.dynamic_slice_in_dim(r, n, width - 1, 0))(u_pad, lengths)
+        def with_taps(u, name):  # [K-1 inputs before start, u]: (B, K-1 + C, ...)
+            prev = jnp.zeros_like(u[:, : width - 1]) if cache is None else cache["conv_" + name]
+            return jnp.concatenate([prev.astype(u.dtype), u], axis=1)
 
-        cache = {"conv_x": last_inputs(xs), "conv_B": last_inputs(bm), "conv_C": last_inputs(cm)}
-        xs, bm, cm = self.convolve(xs, bm, cm, valid.astype(jnp.int32))
+        xs, bm, cm = with_taps(xs, "x"), with_taps(bm, "B"), with_taps(cm, "C")
+        n_new = jnp.clip(lengths - start, 0, l)  # real tokens in this chunk
+
+        def last_inputs(u):  # u[n : n + K-1] = the K-1 inputs before position start + n
+            return jax.vmap(lambda r, n: jax.lax.dynamic_slice_in_dim(r, n, width - 1, 0))(u, n_new)
+
+        new = {"conv_x": last_inputs(xs), "conv_B": last_inputs(bm), "conv_C": last_inputs(cm)}
+        seg = jnp.concatenate([jnp.ones((b, width - 1), jnp.int32), valid.astype(jnp.int32)], axis=1)
+        xs, bm, cm = (u[:, width - 1 :] for u in self.convolve(xs, bm, cm, seg))
         a, d_skip, dt_bias = self.ssm_params()
         dtp = process_dt(dts, dt_bias, True, cfg.mamba_dt_limit)
         dtp = jnp.where(valid[..., None], dtp, 0.0)
@@ -235,11 +245,12 @@ class Mamba2(nnx.Module):
             cm,
             cfg.mamba_chunk,
             D=d_skip,
+            initial_states=None if cache is None else cache["ssm"],
             return_final_states=True,
             impl=resolve_impl(cfg.kernel_impl),
         )
-        cache["ssm"] = final.astype(cfg.ssm_state_dtype)
-        return self.output(y, z), cache
+        new["ssm"] = final.astype(cfg.ssm_state_dtype)
+        return self.output(y, z), new
 
     def decode(self, x: jax.Array, cache: dict):
         """One token per sequence: x (B, 1, D) -> (y (B, 1, D), cache advanced by one step)."""

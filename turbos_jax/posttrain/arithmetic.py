@@ -3,8 +3,9 @@ r"""An embedded verifiable task: seeded arithmetic problems of graded difficulty
     python -m turbos_jax.posttrain.arithmetic --out_dir=/tmp/arith --num_train=5000 --num_eval=600 \
         --seed=0 --levels=1,2,3
 
-writes `train.jsonl` ({"prompt", "response"}), `eval.jsonl` and `rl_prompts.jsonl` ({"prompt",
-"answer"}). From Python: `generate(num, split=..., seed=..., levels=...)` and `write_jsonl`.
+writes `train.jsonl` ({"prompt", "response"}), `eval.jsonl` ({"prompt", "response", "answer"}) and
+`rl_prompts.jsonl` ({"prompt", "answer"}). From Python: `generate(num, split=..., seed=...,
+levels=...)` and `write_jsonl`.
 
 Levels (operands are drawn uniformly from the ranges; subtraction puts the larger operand first):
 
@@ -292,15 +293,21 @@ def write_task_files(
     """Writes OUT_DIR/{train,eval,rl_prompts}.jsonl; returns {split: path}.
 
     train.jsonl holds {"prompt", "response"} with `response` the worked solution ("solution") or the
-    bare answer ("answer"); eval.jsonl and rl_prompts.jsonl hold {"prompt", "answer"}, eval without
-    repeats. metadata adds "id", "difficulty" and "operation" to every line.
+    bare answer ("answer"); eval.jsonl holds {"prompt", "response", "answer"} without repeats (the
+    held-out set of SFT: loss on the response, exact match against the answer); rl_prompts.jsonl
+    holds {"prompt", "answer"}. metadata adds "id", "difficulty" and "operation" to every line.
     """
     if response not in ("solution", "answer"):
         raise ValueError(f"response must be 'solution' or 'answer', got {response!r}")
     extra = {"id": "id", "difficulty": "difficulty", "operation": "operation"} if metadata else {}
     plan = {
         "train": ("train.jsonl", num_train, False, {"prompt": "prompt", "response": response}),
-        "eval": ("eval.jsonl", num_eval, True, dict(EVAL_KEYS)),
+        "eval": (
+            "eval.jsonl",
+            num_eval,
+            True,
+            {"prompt": "prompt", "response": response, "answer": "answer"},
+        ),
         "rl": ("rl_prompts.jsonl", num_rl, False, dict(EVAL_KEYS)),
     }
     batches = {

@@ -1,0 +1,183 @@
+"""`turbos_jax.rl` end to end at tiny shapes on 8 fake devices: policy and reference from
+config.init_from, evaluation rows at step 0 and every eval, two phases, and a run stopped half way
+(by the command line) that resumes to the same parameters as an uninterrupted one."""
+
+from __future__ import annotations
+
+import os
+import runpy
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from helpers import ROOT, subprocess_env
+
+from turbos_jax import sharding
+from turbos_jax.checkpointing import Checkpointer
+from turbos_jax.config import ModelConfig
+from turbos_jax.metrics import read_jsonl
+from turbos_jax.posttrain import arithmetic
+from turbos_jax.posttrain.prompts import PromptStream
+from turbos_jax.rl import rl
+from turbos_jax.step import build_train_program
+
+STEPS = 4
+
+
+# The test's config file: the same text runs in this process and on the command line.
+CONFIG_TEMPLATE = """
+import os
+import sys
+
+from configs import grpo_tiny
+
+DATA, INIT_FROM, TOTAL_STEPS = {data!r}, {init_from!r}, {total_steps!r}
+sys.path.insert(0, os.path.dirname(__file__))  # toy_reward.py, next to this file
+
+
+def get_config():
+    config = grpo_tiny.get_config()
+    config.model.layout = "AFMF"
+    config.total_steps = TOTAL_STEPS
+    config.batch_size, config.seq_len = 8, 8 + 8 - 1  # 4 prompts x G = 2, prompt 8 + 8 new tokens
+    config.log_every_steps, config.eval_every_steps, config.checkpoint_every_steps = 1, 2, 2
+    config.sft.eval_file, config.sft.eval_prompts, config.sft.eval_batch_size = DATA["eval"], 4, 4
+    config.init_from = INIT_FROM
+    r = config.rl
+    r.num_generations, r.max_prompt_len, r.max_new_tokens = 2, 8, 8
+    r.sources = {{"math": ("answer", DATA["rl"]), "general": ("answer", DATA["rl"])}}
+    r.phases = ((2, 0.0, {{"math": 1.0}}), ({steps}, 0.05, {{"math": 0.5, "general": 0.5}}))
+    r.max_gen_batches = 2
+    # A random-init policy never answers correctly: a model-based reward (the pluggable kind)
+    # that likes even first bytes gives groups reward spread, so the policy updates.
+    r.reward_model, r.reward_model_weight = "toy_reward:first_byte_even", 1.0
+    return config
+"""
+TOY_REWARD = """
+def first_byte_even(prompts, completions, records):
+    return [float(len(c) > 0 and ord(c[0]) % 2 == 0) for c in completions]
+"""
+
+
+def _config_file(path, data, init_from, total_steps=STEPS) -> str:
+    (path.parent / "toy_reward.py").write_text(TOY_REWARD)
+    path.write_text(
+        CONFIG_TEMPLATE.format(data=data, init_from=init_from, total_steps=total_steps, steps=STEPS)
+    )
+    return str(path)
+
+
+def _config(*args, **kwargs):
+    return runpy.run_path(_config_file(*args, **kwargs))["get_config"]()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("arith")
+    return arithmetic.write_task_files(
+        str(out), num_train=0, num_eval=8, num_rl=40, seed=0, levels=(1,), operations=("add",)
+    )
+
+
+@pytest.fixture(scope="module")
+def sft_workdir(data, tmp_path_factory):
+    """A checkpoint of freshly initialised parameters standing in for an SFT run."""
+    config = _config(tmp_path_factory.mktemp("cfg") / "c.py", data, "")
+    model_cfg = ModelConfig.from_config(config.model)
+    mesh = sharding.train_mesh(config, model_cfg)
+    program = build_train_program(config, model_cfg, mesh)
+    workdir = str(tmp_path_factory.mktemp("sft"))
+    with jax.set_mesh(mesh):
+        state = jax.jit(program.setup.init_state, out_shardings=program.state_shardings)()
+        ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=1)
+        ckpt.save(7, state, PromptStream({"x": [{"prompt": "p"}]}, seed=0))
+        ckpt.close()
+    return workdir
+
+
+def _params(workdir, step):
+    from orbax.checkpoint import PyTreeCheckpointer
+
+    tree = PyTreeCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
+    return tree
+
+
+def test_runs_evaluates_and_resumes_exactly(data, sft_workdir, tmp_path):
+    straight = str(tmp_path / "straight")
+    rl(_config(tmp_path / "straight.py", data, sft_workdir), straight)
+    rows = read_jsonl(os.path.join(straight, "metrics.jsonl"))
+    evals = {r["step"]: r for r in rows if "eval_exact_match" in r}
+    assert sorted(evals) == [0, 2, 4] and all(0 <= r["eval_exact_match"] <= 1 for r in evals.values())
+    train = {r["step"]: r for r in rows if "loss" in r}
+    assert sorted(train) == [1, 2, 3, 4]
+    assert [train[s]["beta"] for s in (1, 2, 3, 4)] == [0.0, 0.0, 0.05, 0.05]  # two phases
+    for row in train.values():
+        for key in ("pg_loss", "kl", "bon_nll", "reward/correct", "frac_zero_std", "num_gen_batches"):
+            assert np.isfinite(row[key]), key
+    final = _params(straight, STEPS)
+    init = _params(sft_workdir, 7)
+    leaves = lambda t: [np.asarray(x) for x in jax.tree.leaves(t)]
+    # The reference is the init_from parameters, frozen; the policy moved away from it (when a
+    # step had any group with reward spread, which random-init sampling with 2 rounds gives).
+    for ref, start in zip(leaves(final["reference"]), leaves(init["params"]), strict=True):
+        np.testing.assert_array_equal(ref, start)
+    assert (
+        sum(r["updated"] for r in train.values()) >= 2 and max(r["reward/model"] for r in train.values()) > 0
+    )
+    assert any(
+        not np.array_equal(a, b) for a, b in zip(leaves(final["params"]), leaves(init["params"]), strict=True)
+    )
+
+    # The command line, stopped after 2 steps, then resumed: the same parameters as straight.
+    resumed = str(tmp_path / "resumed")
+    cfg_file = _config_file(tmp_path / "half.py", data, sft_workdir, total_steps=2)
+    cmd = [sys.executable, "-m", "turbos_jax.rl", f"--config={cfg_file}", f"--workdir={resumed}"]
+    proc = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        env=subprocess_env(devices=8, fast_compile=True),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(os.listdir(os.path.join(resumed, "checkpoints"))) == ["2"]
+    rl(_config(tmp_path / "rest.py", data, sft_workdir), resumed)
+    again = _params(resumed, STEPS)
+    for a, b in zip(leaves(again), leaves(final), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_bad_config_is_one_line_and_writes_nothing(tmp_path):
+    workdir = tmp_path / "w"
+    cmd = [
+        sys.executable,
+        "-m",
+        "turbos_jax.rl",
+        "--config=configs/grpo_tiny.py",
+        f"--workdir={workdir}",
+        "--config.rl.num_generations=1",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "config.rl.num_generations=1: GRPO needs at least 2" in proc.stderr.strip().splitlines()[-1]
+    assert not os.path.exists(workdir / "checkpoints")
+
+
+def test_prompt_filter_command(data, sft_workdir, tmp_path):
+    """The filter command's path (config, init_from restore, SFT template, rollouts, verifier,
+    output): a random-init policy never answers correctly, so every rate is 0 and nothing is kept.
+    Rates against hand-checked responses: tests/test_grpo_rollouts.py."""
+    from turbos_jax.posttrain.prompt_filter import filter_prompts
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(open(data["rl"]).readlines()[:8]))
+    out = tmp_path / "kept.jsonl"
+    config = _config(tmp_path / "f.py", data, sft_workdir)
+    with config.unlocked():
+        config.rl.reward_model = ""
+    kwargs = dict(kind="answer", k=2, batch_prompts=4, low=0.0, high=1.0)
+    rates = filter_prompts(config, init_from=sft_workdir, prompts=str(prompts), out=str(out), **kwargs)
+    assert rates.tolist() == [0.0] * 8 and out.read_text() == ""

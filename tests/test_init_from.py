@@ -1,0 +1,158 @@
+"""config.init_from: a run without checkpoints starts from another workdir's newest checkpoint.
+
+INIT_FULL (the next pre-training stage) takes parameters, optimizer state and step and counts on;
+INIT_PARAMS (sft, rl) takes parameters only with a fresh optimizer at step 0. A resume wins over
+init_from; a mismatch is one line naming the parameter, with nothing written in either workdir.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import tiny
+from turbos_jax import optim, train
+from turbos_jax import training_loop as loop
+from turbos_jax.checkpointing import IncompatibleCheckpointError, InitFromError, leaf_path
+from turbos_jax.config import ConfigError
+from turbos_jax.data import make_train_iterator
+from turbos_jax.metrics import read_jsonl
+
+SOURCE_STEPS = 4
+
+
+def _config(total_steps: int, init_from: str = ""):
+    config = tiny.get_config()
+    config.batch_size, config.seq_len, config.total_steps = 8, 32, total_steps  # 8 fake devices
+    config.model.layout = "AFMF"
+    config.log_every_steps, config.eval_every_steps = 1, 0
+    config.checkpoint_every_steps = 2
+    config.optim.schedule = (("warmup", 10, 1e-3),)  # a different LR at every step
+    config.init_from = init_from
+    return config
+
+
+def _saved_state(workdir, step):
+    return ocp.StandardCheckpointer().restore(os.path.join(workdir, "checkpoints", str(step), "state"))
+
+
+def _leaves(tree) -> dict:
+    return {leaf_path(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _listing(workdir) -> dict:
+    """Every file under `workdir` with its size and modification time."""
+    out = {}
+    for base, _, files in os.walk(workdir):
+        for name in files:
+            path = os.path.join(base, name)
+            out[os.path.relpath(path, workdir)] = (os.path.getsize(path), os.path.getmtime(path))
+    return out
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A 4-step pre-training run (checkpoints at 2 and 4)."""
+    workdir = str(tmp_path_factory.mktemp("init_from") / "source")
+    train.train_and_evaluate(_config(SOURCE_STEPS), workdir)
+    return workdir
+
+
+def _start(config, workdir, init):
+    run = loop.prepare_run(config, workdir)
+    it = make_train_iterator(config, process_index=run.shard, process_count=run.num_shards)
+    start = loop.restore_or_init(run, it, init=init)
+    start.ckpt.close()
+    return start
+
+
+def test_full_init_takes_params_optimizer_and_step(source, tmp_path):
+    start = _start(_config(6, source), str(tmp_path / "stage2"), loop.INIT_FULL)
+    saved = _leaves(_saved_state(source, SOURCE_STEPS))
+    got = _leaves(jax.device_get(start.state))
+    assert start.step == SOURCE_STEPS and int(start.state["step"]) == SOURCE_STEPS
+    assert got.keys() == saved.keys()
+    for path, value in saved.items():
+        np.testing.assert_array_equal(got[path], value, err_msg=path)
+    # Negative control: the same config without init_from starts elsewhere.
+    fresh = _leaves(jax.device_get(_start(_config(6), str(tmp_path / "fresh"), loop.INIT_FULL).state))
+    assert any(not np.array_equal(fresh[p], saved[p]) for p in saved if "params" in p)
+
+
+def test_full_init_counts_on_and_writes_only_the_new_workdir(source, tmp_path):
+    before = _listing(source)
+    workdir = str(tmp_path / "stage2")
+    config = _config(SOURCE_STEPS + 2, source)
+    train.train_and_evaluate(config, workdir)
+    rows = {r["step"]: r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss" in r}
+    assert sorted(rows) == [SOURCE_STEPS + 1, SOURCE_STEPS + 2]
+    schedule = optim.make_schedule(config.optim.schedule)
+    for step, row in rows.items():  # the LR schedule continues from the source's optimizer count
+        assert row["learning_rate"] == pytest.approx(optim.learning_rate_at(schedule, step - 1), rel=1e-6)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == [str(SOURCE_STEPS + 2)]
+    assert int(_saved_state(workdir, SOURCE_STEPS + 2)["step"]) == SOURCE_STEPS + 2
+    assert _listing(source) == before
+
+
+def test_params_init_takes_params_only_with_a_fresh_optimizer(source, tmp_path):
+    config = _config(6, source)
+    config.optim.schedule = (("warmup", 3, 1e-4), ("constant", 3, 1e-4))  # the optimizer may differ
+    start = _start(config, str(tmp_path / "sft"), loop.INIT_PARAMS)
+    assert start.step == 0 and int(start.state["step"]) == 0
+    saved = _leaves(_saved_state(source, SOURCE_STEPS)["params"])
+    params = _leaves(jax.device_get(start.state["params"]))
+    for path, value in saved.items():
+        np.testing.assert_array_equal(params[path], value, err_msg=path)
+    moments = [
+        v for p, v in _leaves(jax.device_get(start.state["opt_state"])).items() if "/mu/" in p or "/nu/" in p
+    ]
+    assert moments and all(not v.any() for v in moments)  # Adam's moments start at zero
+    source_moments = [
+        v for p, v in _leaves(_saved_state(source, SOURCE_STEPS)["opt_state"]).items() if "/mu/" in p
+    ]
+    assert any(v.any() for v in source_moments)  # ... and the source's did not
+
+
+def test_a_resume_wins_over_init_from(source, tmp_path):
+    workdir = str(tmp_path / "own")
+    train.train_and_evaluate(_config(2), workdir)  # its own checkpoint at step 2
+    start = _start(_config(6, source), workdir, loop.INIT_FULL)
+    assert start.step == 2
+    own = _leaves(_saved_state(workdir, 2)["params"])
+    got = _leaves(jax.device_get(start.state["params"]))
+    for path, value in own.items():
+        np.testing.assert_array_equal(got[path], value, err_msg=path)
+
+
+@pytest.mark.parametrize("init", [loop.INIT_FULL, loop.INIT_PARAMS])
+def test_mismatch_is_one_line_and_nothing_is_written(source, tmp_path, init):
+    before = _listing(source)
+    workdir = tmp_path / "bad"
+    config = _config(6, source)
+    config.model.d_model = 32
+    with pytest.raises(IncompatibleCheckpointError) as err:
+        _start(config, str(workdir), init)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith("config.init_from: checkpoint step 4")
+    assert "params/embed/embedding is (256, 64) float32 in the checkpoint, (256, 32) float32 here" in message
+    assert "config.model.d_model: 64 in the checkpoint's config.json, 32 here" in message
+    assert _listing(source) == before
+    assert os.listdir(workdir) == []  # no checkpoints/, config.json or metrics.jsonl
+
+
+def test_missing_source_and_exhausted_steps_are_one_line_errors(source, tmp_path):
+    with pytest.raises(InitFromError, match=r"^config.init_from: no checkpoint in .*nowhere/checkpoints$"):
+        _start(_config(6, str(tmp_path / "nowhere")), str(tmp_path / "a"), loop.INIT_FULL)
+    with pytest.raises(
+        ConfigError, match=r"^config.total_steps=4: must exceed step 4 of the config.init_from"
+    ):
+        _start(_config(SOURCE_STEPS, source), str(tmp_path / "b"), loop.INIT_FULL)
+    config = _config(6, source)
+    config.init_from = None
+    with pytest.raises(ConfigError, match=r"^config.init_from=None: expected a workdir path"):
+        _start(config, str(tmp_path / "c"), loop.INIT_FULL)
