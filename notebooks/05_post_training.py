@@ -31,13 +31,13 @@
 #
 # Full run (`TURBOS_NOTEBOOK_SMOKE` unset): the documented 450 SFT steps, then 80 GRPO steps.
 # Measured on the project's shared 2-core CPU machine (one CPU device, other jobs running, load
-# average about 7; jax 0.10.2, 2026-11-26): 6 minutes in all. SFT took 141 s and reached 57.5 %
-# held-out greedy exact match (200 prompts; docs/post_training.md measured 37 % with the same data
-# and seed: the curve is steep at step 450, so numerics move it within the 20-60 % band). GRPO
-# took 195 s for 80 steps and raised it to 71.0 % (64.0 / 65.5 / 63.5 % at steps 20 / 40 / 60; one
-# seed). `TURBOS_NOTEBOOK_SMOKE=1` (set by the tests) runs 6 SFT and 3 GRPO steps with small
-# evaluations: the mechanics, not learning (the 6-step model answers nothing correctly, so GRPO
-# finds no reward spread and makes no update).
+# average 5-7; jax 0.10.2, 2026-11-26), twice, with identical metrics: 4-6 minutes in all. SFT took
+# 99-141 s and reached 57.5 % held-out greedy exact match (200 prompts; docs/post_training.md
+# measured 37 % with the same data and seed: the curve is steep at step 450, so numerics move it
+# within the 20-60 % band). GRPO took 132-195 s for 80 steps and raised it to 71.0 % (64.0 / 65.5 /
+# 63.5 % at steps 20 / 40 / 60; one seed). `TURBOS_NOTEBOOK_SMOKE=1` (set by the tests) runs 6 SFT
+# and 3 GRPO steps with small evaluations: the mechanics, not learning (the 6-step model answers
+# nothing correctly, so GRPO finds no reward spread and makes no update).
 
 # %%
 # Colab only: install turbos-jax from its repository, with the jax / flax versions its CI tests
