@@ -31,7 +31,8 @@ def _cells(nb) -> list[tuple[str, str]]:
 
 
 def test_there_are_notebooks_and_each_has_both_files():
-    assert {"01_quickstart", "02_architecture", "03_kernels", "04_hf_import"} <= set(NAMES)
+    expected = {"01_quickstart", "02_architecture", "03_kernels", "04_hf_import", "05_post_training"}
+    assert expected <= set(NAMES)
     ipynbs = sorted(glob.glob(os.path.join(NOTEBOOK_DIR, "*.ipynb")))
     assert [p[:-6] for p in ipynbs] == [p[:-3] for p in SOURCES]
 
