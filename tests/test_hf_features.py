@@ -99,8 +99,9 @@ def test_single_mamba_group_is_replicated_under_tensor_parallelism():
     abstract = nnx.state(nnx.eval_shape(lambda: TurbosModel(one, rngs=nnx.Rngs(0))))
     specs = sharding.param_specs(abstract)
     in_proj = specs["period"][0]["layer"]["in_proj"]
-    assert in_proj["B"] == jax.sharding.PartitionSpec(None, "data", None, None)
-    assert in_proj["x"] == jax.sharding.PartitionSpec(None, "data", "model", None)
+    fsdp = ("data", "context")  # d_model is FSDP-sharded over data x context
+    assert in_proj["B"] == jax.sharding.PartitionSpec(None, fsdp, None, None)
+    assert in_proj["x"] == jax.sharding.PartitionSpec(None, fsdp, "model", None)
 
 
 def test_relu2_sigmoid_experts_under_expert_parallelism_match_one_device():
