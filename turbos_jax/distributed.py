@@ -25,9 +25,11 @@ from __future__ import annotations
 import glob
 import os
 import urllib.request
+from collections.abc import Callable
+from typing import Any
 
 import jax
-from absl import flags
+from absl import app, flags, logging
 
 from turbos_jax import cli
 
@@ -241,3 +243,23 @@ def describe() -> str:
         f"process {jax.process_index()}/{jax.process_count()}, local devices {len(local)} "
         f"({', '.join(kinds)}), global devices {jax.device_count()}"
     )
+
+
+def workdir_command_main(run: Callable[[Any, str], Any], example: str) -> Callable[[list[str]], None]:
+    """The absl `main` of a command that runs `run(config, workdir)` from its `--config` and
+    `--workdir` flags (train, sft, rl): rejects stray arguments and missing flags with a usage line
+    naming `example`, quiets INFO logging unless --verbosity was given (Orbax logs every save at
+    INFO), and initialises a multi-host job before anything touches a device."""
+
+    def main(argv: list[str]) -> None:
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        if not flags.FLAGS["verbosity"].present:
+            logging.set_verbosity(logging.WARNING)
+        config, workdir = flags.FLAGS["config"].value, flags.FLAGS["workdir"].value
+        if config is None or not workdir:
+            raise app.UsageError(f"--config and --workdir are required, e.g. {example}")
+        maybe_initialize()
+        run(config, workdir)
+
+    return main

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
 from turbos_jax import cli, distributed
@@ -140,17 +140,7 @@ def rl(config, workdir: str, *, on_log: Callable[[int, dict], None] | None = Non
     )
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
-    if _CONFIG.value is None or not _WORKDIR.value:
-        raise app.UsageError(
-            "--config and --workdir are required, e.g. --config=configs/grpo_tiny.py --workdir=/tmp/grpo"
-        )
-    distributed.maybe_initialize()  # multi-host: before anything touches a device
-    rl(_CONFIG.value, _WORKDIR.value)
+main = distributed.workdir_command_main(rl, "--config=configs/grpo_tiny.py --workdir=/tmp/grpo")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
 from turbos_jax import cli, distributed
@@ -117,17 +117,7 @@ def sft(config, workdir: str, *, on_log: Callable[[int, dict], None] | None = No
     )
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
-    if _CONFIG.value is None or not _WORKDIR.value:
-        raise app.UsageError(
-            "--config and --workdir are required, e.g. --config=configs/sft_tiny.py --workdir=/tmp/sft"
-        )
-    distributed.maybe_initialize()  # multi-host: before anything touches a device
-    sft(_CONFIG.value, _WORKDIR.value)
+main = distributed.workdir_command_main(sft, "--config=configs/sft_tiny.py --workdir=/tmp/sft")
 
 
 if __name__ == "__main__":

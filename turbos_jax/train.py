@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
 from turbos_jax import cli, distributed
@@ -62,17 +62,7 @@ def train_and_evaluate(config, workdir: str, *, on_log: Callable[[int, dict], No
     return loop.train_loop(run, start, train_iter, to_global, evaluate=evaluate, on_log=on_log)
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
-    if _CONFIG.value is None or not _WORKDIR.value:
-        raise app.UsageError(
-            "--config and --workdir are required, e.g. --config=configs/tiny.py --workdir=/tmp/tiny"
-        )
-    distributed.maybe_initialize()  # multi-host: before anything touches a device
-    train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+main = distributed.workdir_command_main(train_and_evaluate, "--config=configs/tiny.py --workdir=/tmp/tiny")
 
 
 if __name__ == "__main__":
