@@ -68,6 +68,7 @@ def test_install_cells_and_badges_agree():
 def test_notebook_runs_headless(name, tmp_path):
     nb = nbformat.read(os.path.join(NOTEBOOK_DIR, name + ".ipynb"), as_version=4)
     env = subprocess_env(devices=1, fast_compile=True, TURBOS_NOTEBOOK_SMOKE="1")
+    env["TMPDIR"] = str(tmp_path)  # the notebooks' tempfile.mkdtemp workdirs land in pytest's tmp_path
     client = nbclient.NotebookClient(
         nb,
         timeout=300,
