@@ -30,6 +30,7 @@ from typing import Any
 
 import jax
 from absl import app, flags, logging
+from ml_collections import config_flags
 
 from turbos_jax import cli
 
@@ -243,6 +244,18 @@ def describe() -> str:
         f"process {jax.process_index()}/{jax.process_count()}, local devices {len(local)} "
         f"({', '.join(kinds)}), global devices {jax.device_count()}"
     )
+
+
+def define_workdir_command_flags() -> None:
+    """The flags of a command over a config and a workdir (train, sft, rl): `--config` (an
+    ml_collections file, `--config.KEY=VALUE` overrides), `--workdir`, and this module's multi-host
+    flags. Called when such a command runs as `python -m ...`, never on import; a second call (a
+    process that runs two commands' set-up) defines nothing."""
+    if "workdir" in flags.FLAGS:
+        return
+    config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
+    define_flags()
 
 
 def workdir_command_main(run: Callable[[Any, str], Any], example: str) -> Callable[[list[str]], None]:

@@ -23,9 +23,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from absl import flags
-from ml_collections import config_flags
-
 from turbos_jax import cli, distributed
 from turbos_jax import training_loop as loop
 from turbos_jax.config import check_train_config
@@ -36,18 +33,8 @@ from turbos_jax.posttrain.evaluation import exact_match
 from turbos_jax.posttrain.prompts import PromptError, PromptStream, load_records
 from turbos_jax.step import TrainProgram
 
-_CONFIG = _WORKDIR = None  # absl flags, defined by define_flags() (not on import)
-
-
-def define_flags() -> None:
-    """This command's absl flags (and distributed.py's), defined when it runs as `python -m
-    turbos_jax.rl`; importing the module defines none."""
-    global _CONFIG, _WORKDIR
-    if _CONFIG is not None:
-        return
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-    _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
-    distributed.define_flags()
+# This command's flags (--config, --workdir, multi-host), defined only when it runs as a program.
+define_flags = distributed.define_workdir_command_flags
 
 
 def check_config(config) -> None:

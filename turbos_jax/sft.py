@@ -17,17 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from absl import flags
-from ml_collections import config_flags
-
 from turbos_jax import cli, distributed
 from turbos_jax import training_loop as loop
 from turbos_jax.config import ConfigError, check_train_config
 from turbos_jax.data import DataError
 from turbos_jax.data.sft import make_format, make_sft_eval_batches, make_sft_train_iterator, read_examples
 from turbos_jax.posttrain.evaluation import exact_match
-
-_CONFIG = _WORKDIR = None  # absl flags, defined by define_flags() (not on import)
 
 _STR_KEYS = (
     "train_file",
@@ -41,15 +36,8 @@ _STR_KEYS = (
 _INT_KEYS = ("eval_prompts", "eval_batch_size", "max_new_tokens")
 
 
-def define_flags() -> None:
-    """This command's absl flags (and distributed.py's), defined when it runs as `python -m
-    turbos_jax.sft`; importing the module defines none."""
-    global _CONFIG, _WORKDIR
-    if _CONFIG is not None:
-        return
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-    _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
-    distributed.define_flags()
+# This command's flags (--config, --workdir, multi-host), defined only when it runs as a program.
+define_flags = distributed.define_workdir_command_flags
 
 
 def check_sft_config(config) -> None:

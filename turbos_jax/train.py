@@ -14,27 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from absl import flags
-from ml_collections import config_flags
-
 from turbos_jax import cli, distributed
 from turbos_jax import training_loop as loop
 from turbos_jax.data import DataError, make_eval_iterator, make_train_iterator
 from turbos_jax.step import loss_fn  # noqa: F401 (re-exported)
 from turbos_jax.training_loop import NonFiniteLossError  # noqa: F401 (re-exported)
 
-_CONFIG = _WORKDIR = None  # absl flags, defined by define_flags() (not on import)
-
-
-def define_flags() -> None:
-    """This command's absl flags (and distributed.py's multi-host ones), defined when it runs as
-    `python -m turbos_jax.train`: importing the module (e.g. for `train_and_evaluate`) defines none."""
-    global _CONFIG, _WORKDIR
-    if _CONFIG is not None:
-        return
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-    _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.")
-    distributed.define_flags()
+# This command's flags (--config, --workdir, multi-host), defined only when it runs as a program.
+define_flags = distributed.define_workdir_command_flags
 
 
 def train_and_evaluate(config, workdir: str, *, on_log: Callable[[int, dict], None] | None = None) -> dict:
