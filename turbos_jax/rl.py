@@ -65,7 +65,7 @@ class PromptBatches:
         self.steps = int(steps)
         self.stream.set_state(stream_state)
 
-    def start_prefetch(self) -> None:
+    def start_prefetch(self) -> None:  # grain's checkpoint handler calls it; nothing to prefetch
         pass
 
 

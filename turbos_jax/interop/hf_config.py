@@ -10,7 +10,7 @@ Families (transformers `model_type`): GraniteMoeHybrid (`granitemoehybrid`), Nem
 
 A value turbos-jax cannot represent (a projection bias, latent MoE projections, grouped top-k,
 non-uniform per-layer top-k, another activation...) raises `UnsupportedCheckpointError` naming the
-HF key. Keys of layer kinds the layout does not use keep small placeholder sizes.
+HF key. Keys of layer kinds the layout does not use get small valid sizes (never built).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def family_of(hf: dict) -> str:
     return model_type
 
 
-def _placeholders() -> dict:
+def _unused_kind_sizes() -> dict:
     """Sizes of layer kinds a layout lacks: valid, divisible by any mesh, never built."""
     return dict(
         num_heads=1,
@@ -292,7 +292,7 @@ def model_values(hf: dict) -> dict:
     """config.model values for an HF config.json (dict): architecture keys only; numerics and
     compilation keys are the caller's."""
     builder = {"granitemoehybrid": _granite, "nemotron_h": _nemotron_h, "hunyuan_v1_moe": _hunyuan}
-    return _placeholders() | builder.get(family_of(hf), _mamba2)(hf)
+    return _unused_kind_sizes() | builder.get(family_of(hf), _mamba2)(hf)
 
 
 def hf_layer_symbols(family: str, layer: int) -> tuple[int, ...]:
