@@ -66,11 +66,11 @@ def from_hf(hf_dir: str, workdir: str) -> int:
     from turbos_jax.interop import hf
     from turbos_jax.step import train_setup
 
+    config = hf.train_config(hf.read_hf_config(hf_dir), hf_dir)  # a bad --from_hf creates nothing
     workdir = run_dir.prepare(workdir)
     directory = os.path.join(workdir, "checkpoints")
     if os.path.isdir(directory) and any(d.isdigit() for d in os.listdir(directory)):
         raise ConvertError(f"--workdir={workdir}: already holds checkpoints; use a new directory")
-    config = hf.train_config(hf.read_hf_config(hf_dir), hf_dir)
     model_cfg = ModelConfig.from_config(config.model)
     mesh = sharding.train_mesh(config, model_cfg)
     data_iterator = make_train_iterator(config)  # a bad tokenizer stops here, before any write
