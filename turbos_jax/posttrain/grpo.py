@@ -146,6 +146,14 @@ def phase_at(phases: Sequence[Phase], step: int) -> Phase:
     return next((p for p in phases if step <= p.until_step), phases[-1])
 
 
+def shuffled_rewards(total: np.ndarray, key) -> np.ndarray:
+    """The shuffled-reward control (config.rl.shuffle_rewards): one generation round's (R,) total
+    rewards permuted across the round, so every reward is kept (same multiset, same mean and
+    spread) but no longer belongs to the response it scored. The permutation is seeded by the
+    round's key (fold_in(seed, step, round)): reproducible, and the same on every process."""
+    return np.random.default_rng(np.asarray(jax.random.key_data(key), np.uint32)).permutation(total)
+
+
 def decode_responses(text: Text, ro: ro_lib.Rollouts) -> tuple[list[str], list[list[int]]]:
     """Each response cut at its stop token -> (decoded texts, token ids without the stop)."""
     texts, ids = [], []
@@ -209,7 +217,7 @@ def make_grpo_step(
         meta = [r for r in records for _ in range(g)]
         total, parts, metrics = rewards.score(reward_spec, [m["prompt"] for m in meta], texts, meta, ids, g)
         if settings.shuffle_rewards:  # the "any update helps?" control: rewards lose their responses
-            total = np.random.default_rng(np.asarray(jax.random.key_data(key), np.uint32)).permutation(total)
+            total = shuffled_rewards(total, key)
         rows = dataclasses.asdict(ro) | {"rewards": total}
         return rows, parts, metrics
 
