@@ -1,9 +1,11 @@
 """`turbos_jax.rl` end to end at tiny shapes on 8 fake devices: policy and reference from
-config.init_from, evaluation rows at step 0 and every eval, two phases, and a run stopped half way
-(by the command line) that resumes to the same parameters as an uninterrupted one."""
+config.init_from, evaluation rows at step 0 and every eval, two phases, a run stopped half way
+(by the command line) that resumes to the same parameters as an uninterrupted one, and a code
+source (sandbox-scored) mixed with an answer source, whose broken records are counted, not fatal."""
 
 from __future__ import annotations
 
+import json
 import os
 import runpy
 import subprocess
@@ -148,6 +150,57 @@ def test_runs_evaluates_and_resumes_exactly(data, sft_workdir, tmp_path):
     again = _params(resumed, STEPS)
     for a, b in zip(leaves(again), leaves(final), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+# Code records for a random-init policy, whose responses are garbage: a test it never passes, a
+# test snippet that kills the sandbox's child (no verdict), and one that does not compile.
+CODE_RECORDS = [
+    {"prompt": "def f", "tests": ["assert f() == 1"]},
+    {"prompt": "def g", "tests": ["import os; os._exit(0)"]},
+    {"prompt": "def h", "tests": ["assert h( =="]},
+]
+CODE_SUFFIX = """
+_answers_only = get_config
+
+
+def get_config():  # the answer source mixed with a code source, 2 steps
+    config = _answers_only()
+    config.total_steps = 2
+    config.rl.sources = {{"math": ("answer", DATA["rl"]), "code": ("code", {code!r})}}
+    config.rl.phases = ((2, 0.05, {{"math": 1.0, "code": 2.0}}),)
+    return config
+"""
+
+
+def test_code_prompts_mixed_with_answers(data, sft_workdir, tmp_path):
+    code = tmp_path / "code.jsonl"
+    code.write_text("".join(json.dumps(r) + "\n" for r in CODE_RECORDS))
+    cfg_file = tmp_path / "code_cfg.py"
+    _config_file(cfg_file, data, sft_workdir, total_steps=2)
+    cfg_file.write_text(cfg_file.read_text() + CODE_SUFFIX.format(code=str(code)))
+
+    workdir = str(tmp_path / "mixed")
+    rl(runpy.run_path(str(cfg_file))["get_config"](), workdir)
+    train = [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2] and all(np.isfinite(r["loss"]) for r in train)
+    coded = [r for r in train if "reward/correct/code" in r]
+    assert coded, "no code prompt was drawn"
+    # Garbage code passes no test; the crashing and unparsable records are counted failures
+    # (scored 0), and they fail only their own rows: the answer rows have none.
+    assert all(r["reward/correct/code"] == 0.0 for r in coded)
+    assert sum(r.get("reward_failures/correct/code", 0) for r in train) > 0
+    assert all(r.get("reward_failures/correct/math", 0) == 0 for r in train)
+    assert all(r["reward_failures/correct"] == r.get("reward_failures/correct/code", 0) for r in train)
+
+    # The command line: the same run, the same rewards.
+    cli_workdir = str(tmp_path / "cli")
+    cmd = [sys.executable, "-m", "turbos_jax.rl", f"--config={cfg_file}", f"--workdir={cli_workdir}"]
+    env = subprocess_env(devices=8, fast_compile=True)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cli_train = [r for r in read_jsonl(os.path.join(cli_workdir, "metrics.jsonl")) if "loss" in r]
+    rewards = lambda rows: [{k: v for k, v in r.items() if k.startswith("reward")} for r in rows]
+    assert rewards(cli_train) == rewards(train)
 
 
 def test_bad_config_is_one_line_and_writes_nothing(tmp_path):

@@ -167,21 +167,27 @@ def decode_responses(text: Text, ro: ro_lib.Rollouts) -> tuple[list[str], list[l
 
 
 class _RewardTally:
-    """Reward metrics over every generated response of a step (all dynamic-sampling rounds)."""
+    """Reward metrics over every generated response of a step (all dynamic-sampling rounds):
+    reward/<component> (mean over the responses) and reward/<component>/<source> (mean over the
+    responses to that source's prompts), reward_failures/<component>[/<source>] (counts)."""
 
     def __init__(self):
-        self.sums, self.failures, self.rows = {}, {}, 0
+        self.sums, self.rows, self.failures = {}, {}, {}
 
-    def add(self, parts: dict, metrics: dict, rows: int):
-        for k, v in parts.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(np.sum(v))
+    def add(self, parts: dict, metrics: dict, sources: Sequence[str]):
+        sources = np.asarray(sources)
+        rows = {"": np.ones(len(sources), bool)} | {f"/{s}": sources == s for s in set(sources.tolist())}
+        for suffix, on in rows.items():
+            self.rows[suffix] = self.rows.get(suffix, 0) + int(on.sum())
+            for k, v in parts.items():
+                self.sums[k, suffix] = self.sums.get((k, suffix), 0.0) + float(np.sum(np.asarray(v)[on]))
         for k, v in metrics.items():
             if k.startswith("reward_failures/"):
                 self.failures[k] = self.failures.get(k, 0) + v
-        self.rows += rows
 
     def metrics(self) -> dict:
-        return {f"reward/{k}": v / self.rows for k, v in self.sums.items()} | self.failures
+        means = {f"reward/{k}{suffix}": v / self.rows[suffix] for (k, suffix), v in self.sums.items()}
+        return means | self.failures
 
 
 def make_grpo_step(
@@ -215,7 +221,9 @@ def make_grpo_step(
         )
         texts, ids = decode_responses(text, ro)
         meta = [r for r in records for _ in range(g)]
-        total, parts, metrics = rewards.score(reward_spec, [m["prompt"] for m in meta], texts, meta, ids, g)
+        sources = [m.get("source", "") for m in meta]
+        prompts = [m["prompt"] for m in meta]
+        total, parts, metrics = rewards.score(reward_spec, prompts, texts, meta, ids, g, labels=sources)
         if settings.shuffle_rewards:  # the "any update helps?" control: rewards lose their responses
             total = shuffled_rewards(total, key)
         rows = dataclasses.asdict(ro) | {"rewards": total}
@@ -228,7 +236,7 @@ def make_grpo_step(
         def sample(round_index):
             recs = records if round_index == 0 else stream.draw(len(records), phase.mixture)
             rows, parts, metrics = rollout_round(state["params"], recs, jax.random.fold_in(key, round_index))
-            tally.add(parts, metrics, len(rows["rewards"]))
+            tally.add(parts, metrics, [r.get("source", "") for r in recs for _ in range(g)])
             return rows
 
         if settings.dynamic_sampling:
