@@ -1,7 +1,8 @@
 """`turbos_jax.rl` end to end at tiny shapes on 8 fake devices: policy and reference from
 config.init_from, evaluation rows at step 0 and every eval, two phases, a run stopped half way
-(by the command line) that resumes to the same parameters as an uninterrupted one, and a code
-source (sandbox-scored) mixed with an answer source, whose broken records are counted, not fatal."""
+(by the command line) that resumes to the same parameters as an uninterrupted one, the command as
+a 2-process job equal to the 1-process run, and a code source (sandbox-scored) mixed with an
+answer source, whose broken records are counted, not fatal."""
 
 from __future__ import annotations
 
@@ -58,8 +59,18 @@ def get_config():
     return config
 """
 TOY_REWARD = """
+import jax
+
+
 def first_byte_even(prompts, completions, records):
     return [float(len(c) > 0 and ord(c[0]) % 2 == 0) for c in completions]
+
+
+def first_byte_even_on_process_0(prompts, completions, records):
+    # A reward that differs between hosts (as a sandbox's timeouts or a remote model can):
+    # process 1 scores the opposite.
+    even = first_byte_even(prompts, completions, records)
+    return even if jax.process_index() == 0 else [1.0 - r for r in even]
 """
 
 
@@ -106,9 +117,16 @@ def _params(workdir, step):
     return tree
 
 
-def test_runs_evaluates_and_resumes_exactly(data, sft_workdir, tmp_path):
-    straight = str(tmp_path / "straight")
-    rl(_config(tmp_path / "straight.py", data, sft_workdir), straight)
+@pytest.fixture(scope="module")
+def straight(data, sft_workdir, tmp_path_factory):
+    """An uninterrupted STEPS-step run in this process (8 devices): the reference of the resume
+    and multi-process tests."""
+    out = tmp_path_factory.mktemp("straight")
+    rl(_config(out / "straight.py", data, sft_workdir), str(out / "w"))
+    return str(out / "w")
+
+
+def test_runs_evaluates_and_resumes_exactly(straight, data, sft_workdir, tmp_path):
     rows = read_jsonl(os.path.join(straight, "metrics.jsonl"))
     evals = {r["step"]: r for r in rows if "eval_exact_match" in r}
     assert sorted(evals) == [0, 2, 4] and all(0 <= r["eval_exact_match"] <= 1 for r in evals.values())
@@ -150,6 +168,34 @@ def test_runs_evaluates_and_resumes_exactly(data, sft_workdir, tmp_path):
     again = _params(resumed, STEPS)
     for a, b in zip(leaves(again), leaves(final), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_two_processes_equal_one(straight, data, sft_workdir, tmp_path):
+    """The command as a 2-process job (2 x 4 fake devices, the same 8-device mesh as `straight`):
+    every process builds the same global batch, so losses and final parameters equal the
+    1-process run's. Process 1's reward disagrees with process 0's: the batch takes process 0's
+    (verified: without grpo.process_zero_values the parameters differ by ~1e-4 and the loss
+    check fails)."""
+    from test_multihost import _restore_state, _run_job
+
+    workdir = str(tmp_path / "two")
+    cfg_file = _config_file(tmp_path / "two.py", data, sft_workdir)
+    cmd = [sys.executable, "-m", "turbos_jax.rl", f"--config={cfg_file}", f"--workdir={workdir}"]
+    cmd += ["--config.rl.reward_model=toy_reward:first_byte_even_on_process_0"]
+    results = _run_job(cmd + ["--config.sft.eval_prompts=0"], devices=4)  # no eval: compile less
+    assert "process 1/2, local devices 4 (cpu), global devices 8" in results[1].stdout
+    rows = lambda w: {r["step"]: r for r in read_jsonl(os.path.join(w, "metrics.jsonl")) if "loss" in r}
+    one, two = rows(straight), rows(workdir)
+    assert sorted(two) == sorted(one) == list(range(1, STEPS + 1))
+    for step in one:
+        for key in ("reward/model", "frac_zero_std", "num_gen_batches", "response_tokens"):
+            assert two[step][key] == one[step][key], (step, key)
+        for key in ("loss", "kl", "bon_nll", "entropy", "grad_norm"):
+            np.testing.assert_allclose(two[step][key], one[step][key], rtol=1e-5, err_msg=key)
+    state = lambda w: _restore_state(os.path.join(w, "checkpoints", str(STEPS), "state"))
+    flat = lambda w: np.concatenate([np.ravel(x) for x in jax.tree.leaves(state(w)["params"])])
+    # Measured: max |diff| 3e-7 (reductions in another order across processes).
+    assert np.abs(flat(workdir) - flat(straight)).max() < 1e-5
 
 
 # Code records for a random-init policy, whose responses are garbage: a test it never passes, a

@@ -8,6 +8,9 @@ reference (fresh optimizer, step 0). Rerunning the command resumes from W exactl
 holds the policy, the optimizer, the reference, the step (which seeds the rollouts) and the prompt
 stream's position, so a killed run draws and samples what the uninterrupted one would have.
 
+Multi-host: the same command on every host with `--coordinator_address --num_processes
+--process_id` (as `train`); every process builds the same global batch (posttrain/grpo.py).
+
 Prompts come from `config.rl.sources` (JSONL) mixed by the phase's weights (`config.rl.phases`:
 stage I reasoning with a small KL, stage II general with a larger one) and are rendered with the
 SFT template (`config.sft`), so the policy sees prompts exactly as in SFT.

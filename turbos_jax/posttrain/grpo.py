@@ -23,6 +23,15 @@ One iteration (`make_grpo_step`), on the host around compiled programs:
 Metrics: the update's (loss, pg_loss, kl, bon_nll, entropy, clip fractions, MoE aux), plus rewards
 per component and their failures over every generated response, frac_zero_std, num_gen_batches,
 groups_invalid, response length, truncated fraction, |advantage|, and the sampler-vs-trainer gap.
+
+Several processes (multi-host) run the whole iteration alike and end with one global batch: the
+same prompts (the same stream and seed everywhere), the same rollouts (one generate program over
+the global mesh, its outputs gathered to every host), and process 0's rewards (every process
+scores, then takes process 0's: a reward may differ between hosts, e.g. a sandbox wall-clock
+limit or a remote reward model). Each process then places only its devices' slices of that batch
+(sharding.global_array). Building only each process's rows instead would save host work but not
+simplify anything: dynamic sampling and group advantages need every row's reward, and generation
+is one global program anyway; the cost kept is that every host runs every reward once.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -218,12 +228,14 @@ def make_grpo_step(
             eos_id=text.stop_id,
             temperature=settings.temperature,
             int8=settings.int8_rollouts,
+            mesh=program.batch_sharding.mesh,
         )
         texts, ids = decode_responses(text, ro)
         meta = [r for r in records for _ in range(g)]
         sources = [m.get("source", "") for m in meta]
         prompts = [m["prompt"] for m in meta]
-        total, parts, metrics = rewards.score(reward_spec, prompts, texts, meta, ids, g, labels=sources)
+        scored = rewards.score(reward_spec, prompts, texts, meta, ids, g, labels=sources)
+        total, parts, metrics = process_zero_values(scored)  # one batch on every process
         if settings.shuffle_rewards:  # the "any update helps?" control: rewards lose their responses
             total = shuffled_rewards(total, key)
         rows = dataclasses.asdict(ro) | {"rewards": total}
@@ -253,14 +265,14 @@ def make_grpo_step(
         out, extra = {"old_logprobs": sampler_lp, "is_weights": np.ones_like(sampler_lp)}, {}
         if settings.int8_rollouts:
             mask = np.asarray(batch["loss_mask"]) > 0
-            trainer_lp = np.asarray(program.logprobs(state["params"], batch))
+            trainer_lp = sharding.host_value(program.logprobs(state["params"], batch))
             out["old_logprobs"] = trainer_lp
             out["is_weights"] = ro_lib.truncated_is_weights(trainer_lp, sampler_lp, mask, settings.is_cap)
             if mask.any():
                 extra["sampler_logprob_gap"] = float(np.abs(trainer_lp - sampler_lp)[mask].mean())
                 extra["is_weight_mean"] = float(out["is_weights"][mask].mean())
         if phase.loss.beta > 0:
-            out["ref_logprobs"] = np.asarray(program.logprobs(state["reference"], batch))
+            out["ref_logprobs"] = sharding.host_value(program.logprobs(state["reference"], batch))
         else:  # no KL term: skip the reference forward (K3 of equal log-probs is 0)
             out["ref_logprobs"] = out["old_logprobs"]
         return out, extra
@@ -273,10 +285,11 @@ def make_grpo_step(
         advantages = _advantages(rows, settings)
         keep = rows["valid"] & ~(rows["truncated"] if settings.mask_truncated else False)
         ro = ro_lib.Rollouts(**{f.name: rows[f.name] for f in dataclasses.fields(ro_lib.Rollouts)})
-        batch = jax.device_put(ro_lib.training_batch(ro, seq_len, mask_rows=keep), program.batch_sharding)
+        place = lambda tree: jax.tree.map(lambda x: sharding.global_array(x, program.batch_sharding), tree)
+        batch = place(ro_lib.training_batch(ro, seq_len, mask_rows=keep))
         fields, extra = logprob_fields(state, batch, ro_lib.at_targets(ro.logprobs, ro, seq_len), phase)
         fields["advantages"] = advantages
-        batch = batch | jax.device_put(fields, program.batch_sharding)
+        batch = batch | place(fields)
         state, metrics = program.update(state, batch, phase.loss)
         valid = rows["valid"]
         mean = lambda v: float(np.mean(v[valid])) if valid.any() else 0.0
@@ -290,6 +303,21 @@ def make_grpo_step(
         return state, metrics
 
     return step_fn
+
+
+def process_zero_values(tree):
+    """A pytree of host values (numpy arrays, numbers) as process 0 holds it, on every process
+    (unchanged with one process). 8-byte values travel as uint32 pairs, so float64 rewards
+    arrive bit for bit (JAX without x64 would round them to float32)."""
+    if jax.process_count() == 1:
+        return tree
+    leaves, treedef = jax.tree.flatten(tree)
+    arrays = [np.atleast_1d(np.asarray(x)) for x in leaves]
+    wire = [a.view(np.uint32) if a.dtype.itemsize == 8 else a for a in arrays]
+    got = multihost_utils.broadcast_one_to_all(wire)
+    back = lambda w, a, x: np.asarray(w).view(a.dtype).reshape(np.shape(x))
+    out = [back(w, a, x) for w, a, x in zip(got, arrays, leaves, strict=True)]
+    return jax.tree.unflatten(treedef, out)
 
 
 def _advantages(rows: dict, settings: Settings) -> np.ndarray:
