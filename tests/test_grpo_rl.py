@@ -170,6 +170,7 @@ def test_runs_evaluates_and_resumes_exactly(straight, data, sft_workdir, tmp_pat
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(straight, data, sft_workdir, tmp_path):
     """The command as a 2-process job (2 x 4 fake devices, the same 8-device mesh as `straight`):
     every process builds the same global batch, so losses and final parameters equal the
