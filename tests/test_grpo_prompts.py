@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from turbos_jax.posttrain.prompts import PromptError, PromptStream, load_records
+from turbos_jax.posttrain.prompts import PromptError, PromptStream, check_prompt_lengths, load_records
 
 
 def _write(path, rows):
@@ -32,8 +32,20 @@ def test_load_records_and_errors(tmp_path):
         path = _write(tmp_path / "b.jsonl", rows)
         with pytest.raises(PromptError, match=message):
             load_records(path, prompt_key="prompt", answer_key="answer", kind="answer")
+    # A bare string would run each character as a test ("1" passes anything): refused.
+    for tests in ("assert f() == 1", [], [1]):
+        path = _write(tmp_path / "t.jsonl", [{"prompt": "write f", "tests": tests}])
+        with pytest.raises(PromptError, match="t.jsonl:1: 'tests' must be a non-empty list of snippet"):
+            load_records(path, prompt_key="prompt", answer_key="answer", kind="code")
     with pytest.raises(PromptError, match="no such prompt file"):
         load_records(str(tmp_path / "missing.jsonl"), prompt_key="prompt", answer_key="answer", kind="answer")
+
+
+def test_overlong_prompts_are_refused_before_training():
+    records = [{"prompt": "1+1="}, {"prompt": "123456789+1="}]
+    check_prompt_lengths(records[:1], str.encode, 8, "config.rl.sources['m'] m.jsonl")
+    with pytest.raises(PromptError, match=r"m.jsonl: record 2 \('123456789\+1='\) has 12 prompt tokens > "):
+        check_prompt_lengths(records, str.encode, 8, "config.rl.sources['m'] m.jsonl")
 
 
 def test_mixture_and_exact_resume():

@@ -1,9 +1,12 @@
 """`turbos_jax.rl` end to end at tiny shapes on 8 fake devices: policy and reference from
-config.init_from, evaluation rows at step 0 and every eval, two phases, and a run stopped half way
-(by the command line) that resumes to the same parameters as an uninterrupted one."""
+config.init_from, evaluation rows at step 0 and every eval, two phases, a run stopped half way
+(by the command line) that resumes to the same parameters as an uninterrupted one, the command as
+a 2-process job equal to the 1-process run, and a code source (sandbox-scored) mixed with an
+answer source, whose broken records are counted, not fatal."""
 
 from __future__ import annotations
 
+import json
 import os
 import runpy
 import subprocess
@@ -56,8 +59,18 @@ def get_config():
     return config
 """
 TOY_REWARD = """
+import jax
+
+
 def first_byte_even(prompts, completions, records):
     return [float(len(c) > 0 and ord(c[0]) % 2 == 0) for c in completions]
+
+
+def first_byte_even_on_process_0(prompts, completions, records):
+    # A reward that differs between hosts (as a sandbox's timeouts or a remote model can):
+    # process 1 scores the opposite.
+    even = first_byte_even(prompts, completions, records)
+    return even if jax.process_index() == 0 else [1.0 - r for r in even]
 """
 
 
@@ -104,9 +117,16 @@ def _params(workdir, step):
     return tree
 
 
-def test_runs_evaluates_and_resumes_exactly(data, sft_workdir, tmp_path):
-    straight = str(tmp_path / "straight")
-    rl(_config(tmp_path / "straight.py", data, sft_workdir), straight)
+@pytest.fixture(scope="module")
+def straight(data, sft_workdir, tmp_path_factory):
+    """An uninterrupted STEPS-step run in this process (8 devices): the reference of the resume
+    and multi-process tests."""
+    out = tmp_path_factory.mktemp("straight")
+    rl(_config(out / "straight.py", data, sft_workdir), str(out / "w"))
+    return str(out / "w")
+
+
+def test_runs_evaluates_and_resumes_exactly(straight, data, sft_workdir, tmp_path):
     rows = read_jsonl(os.path.join(straight, "metrics.jsonl"))
     evals = {r["step"]: r for r in rows if "eval_exact_match" in r}
     assert sorted(evals) == [0, 2, 4] and all(0 <= r["eval_exact_match"] <= 1 for r in evals.values())
@@ -148,6 +168,86 @@ def test_runs_evaluates_and_resumes_exactly(data, sft_workdir, tmp_path):
     again = _params(resumed, STEPS)
     for a, b in zip(leaves(again), leaves(final), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(straight, data, sft_workdir, tmp_path):
+    """The command as a 2-process job (2 x 4 fake devices, the same 8-device mesh as `straight`):
+    every process builds the same global batch, so losses and final parameters equal the
+    1-process run's. Process 1's reward disagrees with process 0's: the batch takes process 0's
+    (verified: without grpo.process_zero_values the parameters differ by ~1e-4 and the loss
+    check fails)."""
+    from test_multihost import _restore_state, _run_job
+
+    workdir = str(tmp_path / "two")
+    cfg_file = _config_file(tmp_path / "two.py", data, sft_workdir)
+    cmd = [sys.executable, "-m", "turbos_jax.rl", f"--config={cfg_file}", f"--workdir={workdir}"]
+    cmd += ["--config.rl.reward_model=toy_reward:first_byte_even_on_process_0"]
+    results = _run_job(cmd + ["--config.sft.eval_prompts=0"], devices=4)  # no eval: compile less
+    assert "process 1/2, local devices 4 (cpu), global devices 8" in results[1].stdout
+    rows = lambda w: {r["step"]: r for r in read_jsonl(os.path.join(w, "metrics.jsonl")) if "loss" in r}
+    one, two = rows(straight), rows(workdir)
+    assert sorted(two) == sorted(one) == list(range(1, STEPS + 1))
+    for step in one:
+        for key in ("reward/model", "frac_zero_std", "num_gen_batches", "response_tokens"):
+            assert two[step][key] == one[step][key], (step, key)
+        for key in ("loss", "kl", "bon_nll", "entropy", "grad_norm"):
+            np.testing.assert_allclose(two[step][key], one[step][key], rtol=1e-5, err_msg=key)
+    state = lambda w: _restore_state(os.path.join(w, "checkpoints", str(STEPS), "state"))
+    flat = lambda w: np.concatenate([np.ravel(x) for x in jax.tree.leaves(state(w)["params"])])
+    # Measured: max |diff| 3e-7 (reductions in another order across processes).
+    assert np.abs(flat(workdir) - flat(straight)).max() < 1e-5
+
+
+# Code records for a random-init policy, whose responses are garbage: a test it never passes, a
+# test snippet that kills the sandbox's child (no verdict), and one that does not compile.
+CODE_RECORDS = [
+    {"prompt": "def f", "tests": ["assert f() == 1"]},
+    {"prompt": "def g", "tests": ["import os; os._exit(0)"]},
+    {"prompt": "def h", "tests": ["assert h( =="]},
+]
+CODE_SUFFIX = """
+_answers_only = get_config
+
+
+def get_config():  # the answer source mixed with a code source, 2 steps
+    config = _answers_only()
+    config.total_steps = 2
+    config.rl.sources = {{"math": ("answer", DATA["rl"]), "code": ("code", {code!r})}}
+    config.rl.phases = ((2, 0.05, {{"math": 1.0, "code": 2.0}}),)
+    return config
+"""
+
+
+def test_code_prompts_mixed_with_answers(data, sft_workdir, tmp_path):
+    code = tmp_path / "code.jsonl"
+    code.write_text("".join(json.dumps(r) + "\n" for r in CODE_RECORDS))
+    cfg_file = tmp_path / "code_cfg.py"
+    _config_file(cfg_file, data, sft_workdir, total_steps=2)
+    cfg_file.write_text(cfg_file.read_text() + CODE_SUFFIX.format(code=str(code)))
+
+    workdir = str(tmp_path / "mixed")
+    rl(runpy.run_path(str(cfg_file))["get_config"](), workdir)
+    train = [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2] and all(np.isfinite(r["loss"]) for r in train)
+    coded = [r for r in train if "reward/correct/code" in r]
+    assert coded, "no code prompt was drawn"
+    # Garbage code passes no test; the crashing and unparsable records are counted failures
+    # (scored 0), and they fail only their own rows: the answer rows have none.
+    assert all(r["reward/correct/code"] == 0.0 for r in coded)
+    assert sum(r.get("reward_failures/correct/code", 0) for r in train) > 0
+    assert all(r.get("reward_failures/correct/math", 0) == 0 for r in train)
+    assert all(r["reward_failures/correct"] == r.get("reward_failures/correct/code", 0) for r in train)
+
+    # The command line: the same run, the same rewards.
+    cli_workdir = str(tmp_path / "cli")
+    cmd = [sys.executable, "-m", "turbos_jax.rl", f"--config={cfg_file}", f"--workdir={cli_workdir}"]
+    env = subprocess_env(devices=8, fast_compile=True)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cli_train = [r for r in read_jsonl(os.path.join(cli_workdir, "metrics.jsonl")) if "loss" in r]
+    rewards = lambda rows: [{k: v for k, v in r.items() if k.startswith("reward")} for r in rows]
+    assert rewards(cli_train) == rewards(train)
 
 
 def test_bad_config_is_one_line_and_writes_nothing(tmp_path):

@@ -20,6 +20,25 @@ def test_answer_and_code_rewards():
     assert got.tolist() == [1.0, 0.5]  # x + x passes only sq(2) == 4
 
 
+def test_code_records_without_a_verdict_are_failures_not_zeros():
+    """A test snippet that does not compile, or that kills the sandbox's child, gives no verdict:
+    NaN, which `score` counts as a failure (scored 0) for that row only; per-source counts."""
+    code = "def sq(x): return x * x"
+    meta = [
+        {"tests": ["assert sq(3) == 9"], "kind": "code"},
+        {"tests": ["assert sq(3 =="], "kind": "code"},
+        {"tests": ["import os; os._exit(0)"], "kind": "code"},
+        {"tests": ["assert sq(3) == 10"], "kind": "code"},
+    ]
+    got = W.code_reward(None, [code] * 4, meta)
+    assert got[0] == 1.0 and np.isnan(got[1]) and np.isnan(got[2]) and got[3] == 0.0
+    spec = W.RewardSpec({"code": (W.code_reward, 1.0)}, correctness="code")
+    total, _, metrics = W.score(spec, [""] * 4, [code] * 4, meta, [[1]] * 4, 2, labels=["a", "a", "b", "b"])
+    assert total.tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert metrics["reward_failures/code"] == 2
+    assert metrics["reward_failures/code/a"] == metrics["reward_failures/code/b"] == 1
+
+
 def test_repetition_penalty():
     got = W.repetition_penalty([[1, 2, 3, 4, 5, 6], [7, 7, 7, 7, 7, 7], [1, 2, 3, 1, 2, 3], [1, 2]], n=3)
     # n-grams: all distinct; 4 identical (3 repeats of 4); 123 231 312 123 (1 repeat of 4); too short.

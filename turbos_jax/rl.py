@@ -8,6 +8,9 @@ reference (fresh optimizer, step 0). Rerunning the command resumes from W exactl
 holds the policy, the optimizer, the reference, the step (which seeds the rollouts) and the prompt
 stream's position, so a killed run draws and samples what the uninterrupted one would have.
 
+Multi-host: the same command on every host with `--coordinator_address --num_processes
+--process_id` (as `train`); every process builds the same global batch (posttrain/grpo.py).
+
 Prompts come from `config.rl.sources` (JSONL) mixed by the phase's weights (`config.rl.phases`:
 stage I reasoning with a small KL, stage II general with a larger one) and are rendered with the
 SFT template (`config.sft`), so the policy sees prompts exactly as in SFT.
@@ -30,7 +33,7 @@ from turbos_jax.data import DataError
 from turbos_jax.data.sft import make_format, read_examples
 from turbos_jax.posttrain import grpo, grpo_config
 from turbos_jax.posttrain.evaluation import exact_match
-from turbos_jax.posttrain.prompts import PromptError, PromptStream, load_records
+from turbos_jax.posttrain.prompts import PromptError, PromptStream, check_prompt_lengths, load_records
 from turbos_jax.step import TrainProgram
 
 # This command's flags (--config, --workdir, multi-host), defined only when it runs as a program.
@@ -83,6 +86,9 @@ def rl(config, workdir: str, *, on_log: Callable[[int, dict], None] | None = Non
         name: load_records(path, prompt_key=fmt.prompt_key, answer_key=fmt.answer_key, kind=kind)
         for name, (kind, path) in rl_cfg.sources.items()
     }
+    for name, records in sources.items():
+        where = f"config.rl.sources[{name!r}] {rl_cfg.sources[name][1]}"
+        check_prompt_lengths(records, text.prompt_ids, rl_cfg.max_prompt_len, where)
     phases = grpo_config.phases(config)
     batches = PromptBatches(
         PromptStream(sources, config.seed), phases, config.batch_size // rl_cfg.num_generations

@@ -38,8 +38,9 @@ from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import PartitionSpec
 
 from turbos_jax.config import ConfigError
@@ -205,6 +206,24 @@ def process_batch_shard(batch_sharding: jax.sharding.Sharding, batch_size: int) 
             f"one contiguous 1/n of the {batch_size} rows; reorder the mesh axes"
         )
     return lo // size, batch_size // size
+
+
+def global_array(value, sharding_: jax.sharding.Sharding) -> jax.Array:
+    """A host value held identically by every process -> the global array laid out by `sharding_`:
+    each process places the slices its own devices hold (nothing crosses processes). For values
+    every process computes alike (RL rollout batches); data loaded per process uses
+    `jax.make_array_from_process_local_data` instead."""
+    value = np.asarray(value)
+    return jax.make_array_from_callback(value.shape, sharding_, lambda index: value[index])
+
+
+def host_value(x) -> np.ndarray:
+    """The whole value of `x` (an array, or already numpy) on this host as numpy, also when it spans
+    several processes' devices (then gathered from all of them: every process must call this at
+    the same point)."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(jax.device_get(x))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def manual_over_mesh(fn: Callable, in_names: Sequence, out_names) -> Callable:

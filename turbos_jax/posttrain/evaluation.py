@@ -20,10 +20,10 @@ from typing import NamedTuple
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from turbos_jax import sharding
 from turbos_jax.generation.api import generate
 from turbos_jax.posttrain.answers import is_correct
 
@@ -35,16 +35,8 @@ class ExactMatch(NamedTuple):
     mean_tokens: float  # mean generated tokens per prompt (stop token included)
 
 
-def _host(x) -> np.ndarray:
-    if jax.process_count() > 1:
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
-
-
 def _replicated(x: np.ndarray, mesh):
-    if mesh is None:
-        return x
-    return jax.make_array_from_process_local_data(NamedSharding(mesh, P()), x, x.shape)
+    return x if mesh is None else sharding.global_array(x, NamedSharding(mesh, P()))
 
 
 def decode(
@@ -86,7 +78,7 @@ def decode(
             sampling=sampling,
             rng=jax.random.fold_in(rng, start),
         )
-        gen, n = _host(gen), _host(n)
+        gen, n = sharding.host_value(gen), sharding.host_value(n)
         out += [gen[i, : n[i]] for i in range(real)]
     return out
 

@@ -23,6 +23,15 @@ One iteration (`make_grpo_step`), on the host around compiled programs:
 Metrics: the update's (loss, pg_loss, kl, bon_nll, entropy, clip fractions, MoE aux), plus rewards
 per component and their failures over every generated response, frac_zero_std, num_gen_batches,
 groups_invalid, response length, truncated fraction, |advantage|, and the sampler-vs-trainer gap.
+
+Several processes (multi-host) run the whole iteration alike and end with one global batch: the
+same prompts (the same stream and seed everywhere), the same rollouts (one generate program over
+the global mesh, its outputs gathered to every host), and process 0's rewards (every process
+scores, then takes process 0's: a reward may differ between hosts, e.g. a sandbox wall-clock
+limit or a remote reward model). Each process then places only its devices' slices of that batch
+(sharding.global_array). Building only each process's rows instead would save host work but not
+simplify anything: dynamic sampling and group advantages need every row's reward, and generation
+is one global program anyway; the cost kept is that every host runs every reward once.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -146,6 +156,14 @@ def phase_at(phases: Sequence[Phase], step: int) -> Phase:
     return next((p for p in phases if step <= p.until_step), phases[-1])
 
 
+def shuffled_rewards(total: np.ndarray, key) -> np.ndarray:
+    """The shuffled-reward control (config.rl.shuffle_rewards): one generation round's (R,) total
+    rewards permuted across the round, so every reward is kept (same multiset, same mean and
+    spread) but no longer belongs to the response it scored. The permutation is seeded by the
+    round's key (fold_in(seed, step, round)): reproducible, and the same on every process."""
+    return np.random.default_rng(np.asarray(jax.random.key_data(key), np.uint32)).permutation(total)
+
+
 def decode_responses(text: Text, ro: ro_lib.Rollouts) -> tuple[list[str], list[list[int]]]:
     """Each response cut at its stop token -> (decoded texts, token ids without the stop)."""
     texts, ids = [], []
@@ -159,21 +177,27 @@ def decode_responses(text: Text, ro: ro_lib.Rollouts) -> tuple[list[str], list[l
 
 
 class _RewardTally:
-    """Reward metrics over every generated response of a step (all dynamic-sampling rounds)."""
+    """Reward metrics over every generated response of a step (all dynamic-sampling rounds):
+    reward/<component> (mean over the responses) and reward/<component>/<source> (mean over the
+    responses to that source's prompts), reward_failures/<component>[/<source>] (counts)."""
 
     def __init__(self):
-        self.sums, self.failures, self.rows = {}, {}, 0
+        self.sums, self.rows, self.failures = {}, {}, {}
 
-    def add(self, parts: dict, metrics: dict, rows: int):
-        for k, v in parts.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(np.sum(v))
+    def add(self, parts: dict, metrics: dict, sources: Sequence[str]):
+        sources = np.asarray(sources)
+        rows = {"": np.ones(len(sources), bool)} | {f"/{s}": sources == s for s in set(sources.tolist())}
+        for suffix, on in rows.items():
+            self.rows[suffix] = self.rows.get(suffix, 0) + int(on.sum())
+            for k, v in parts.items():
+                self.sums[k, suffix] = self.sums.get((k, suffix), 0.0) + float(np.sum(np.asarray(v)[on]))
         for k, v in metrics.items():
             if k.startswith("reward_failures/"):
                 self.failures[k] = self.failures.get(k, 0) + v
-        self.rows += rows
 
     def metrics(self) -> dict:
-        return {f"reward/{k}": v / self.rows for k, v in self.sums.items()} | self.failures
+        means = {f"reward/{k}{suffix}": v / self.rows[suffix] for (k, suffix), v in self.sums.items()}
+        return means | self.failures
 
 
 def make_grpo_step(
@@ -204,12 +228,16 @@ def make_grpo_step(
             eos_id=text.stop_id,
             temperature=settings.temperature,
             int8=settings.int8_rollouts,
+            mesh=program.batch_sharding.mesh,
         )
         texts, ids = decode_responses(text, ro)
         meta = [r for r in records for _ in range(g)]
-        total, parts, metrics = rewards.score(reward_spec, [m["prompt"] for m in meta], texts, meta, ids, g)
+        sources = [m.get("source", "") for m in meta]
+        prompts = [m["prompt"] for m in meta]
+        scored = rewards.score(reward_spec, prompts, texts, meta, ids, g, labels=sources)
+        total, parts, metrics = process_zero_values(scored)  # one batch on every process
         if settings.shuffle_rewards:  # the "any update helps?" control: rewards lose their responses
-            total = np.random.default_rng(np.asarray(jax.random.key_data(key), np.uint32)).permutation(total)
+            total = shuffled_rewards(total, key)
         rows = dataclasses.asdict(ro) | {"rewards": total}
         return rows, parts, metrics
 
@@ -220,7 +248,7 @@ def make_grpo_step(
         def sample(round_index):
             recs = records if round_index == 0 else stream.draw(len(records), phase.mixture)
             rows, parts, metrics = rollout_round(state["params"], recs, jax.random.fold_in(key, round_index))
-            tally.add(parts, metrics, len(rows["rewards"]))
+            tally.add(parts, metrics, [r.get("source", "") for r in recs for _ in range(g)])
             return rows
 
         if settings.dynamic_sampling:
@@ -237,14 +265,14 @@ def make_grpo_step(
         out, extra = {"old_logprobs": sampler_lp, "is_weights": np.ones_like(sampler_lp)}, {}
         if settings.int8_rollouts:
             mask = np.asarray(batch["loss_mask"]) > 0
-            trainer_lp = np.asarray(program.logprobs(state["params"], batch))
+            trainer_lp = sharding.host_value(program.logprobs(state["params"], batch))
             out["old_logprobs"] = trainer_lp
             out["is_weights"] = ro_lib.truncated_is_weights(trainer_lp, sampler_lp, mask, settings.is_cap)
             if mask.any():
                 extra["sampler_logprob_gap"] = float(np.abs(trainer_lp - sampler_lp)[mask].mean())
                 extra["is_weight_mean"] = float(out["is_weights"][mask].mean())
         if phase.loss.beta > 0:
-            out["ref_logprobs"] = np.asarray(program.logprobs(state["reference"], batch))
+            out["ref_logprobs"] = sharding.host_value(program.logprobs(state["reference"], batch))
         else:  # no KL term: skip the reference forward (K3 of equal log-probs is 0)
             out["ref_logprobs"] = out["old_logprobs"]
         return out, extra
@@ -257,10 +285,11 @@ def make_grpo_step(
         advantages = _advantages(rows, settings)
         keep = rows["valid"] & ~(rows["truncated"] if settings.mask_truncated else False)
         ro = ro_lib.Rollouts(**{f.name: rows[f.name] for f in dataclasses.fields(ro_lib.Rollouts)})
-        batch = jax.device_put(ro_lib.training_batch(ro, seq_len, mask_rows=keep), program.batch_sharding)
+        place = lambda tree: jax.tree.map(lambda x: sharding.global_array(x, program.batch_sharding), tree)
+        batch = place(ro_lib.training_batch(ro, seq_len, mask_rows=keep))
         fields, extra = logprob_fields(state, batch, ro_lib.at_targets(ro.logprobs, ro, seq_len), phase)
         fields["advantages"] = advantages
-        batch = batch | jax.device_put(fields, program.batch_sharding)
+        batch = batch | place(fields)
         state, metrics = program.update(state, batch, phase.loss)
         valid = rows["valid"]
         mean = lambda v: float(np.mean(v[valid])) if valid.any() else 0.0
@@ -274,6 +303,21 @@ def make_grpo_step(
         return state, metrics
 
     return step_fn
+
+
+def process_zero_values(tree):
+    """A pytree of host values (numpy arrays, numbers) as process 0 holds it, on every process
+    (unchanged with one process). 8-byte values travel as uint32 pairs, so float64 rewards
+    arrive bit for bit (JAX without x64 would round them to float32)."""
+    if jax.process_count() == 1:
+        return tree
+    leaves, treedef = jax.tree.flatten(tree)
+    arrays = [np.atleast_1d(np.asarray(x)) for x in leaves]
+    wire = [a.view(np.uint32) if a.dtype.itemsize == 8 else a for a in arrays]
+    got = multihost_utils.broadcast_one_to_all(wire)
+    back = lambda w, a, x: np.asarray(w).view(a.dtype).reshape(np.shape(x))
+    out = [back(w, a, x) for w, a, x in zip(got, arrays, leaves, strict=True)]
+    return jax.tree.unflatten(treedef, out)
 
 
 def _advantages(rows: dict, settings: Settings) -> np.ndarray:

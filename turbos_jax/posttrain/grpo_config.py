@@ -152,11 +152,16 @@ def phases(config) -> list[grpo.Phase]:
 
 
 def verifiable_reward(prompts, completions, metadata):
-    """1/0 answer check for "answer" records, fraction of unit tests passed for "code" records."""
+    """1/0 answer check for "answer" records, fraction of unit tests passed for "code" records.
+    A row whose verifier raises is NaN (a failure `rewards.score` counts and scores 0): one bad
+    record must not fail the other rows of the batch."""
     out = []
     for p, c, m in zip(prompts, completions, metadata, strict=True):
         fn = rewards.answer_reward if m["kind"] == "answer" else rewards.code_reward
-        out.append(float(fn([p], [c], [m])[0]))
+        try:
+            out.append(float(fn([p], [c], [m])[0]))
+        except Exception:  # counted by rewards.score, never fatal
+            out.append(float("nan"))
     return out
 
 

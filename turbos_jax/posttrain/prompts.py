@@ -29,7 +29,8 @@ class PromptError(ValueError):
 
 def load_records(path: str, *, prompt_key: str, answer_key: str, kind: str) -> list[dict]:
     """Reads a JSONL file -> [{"prompt", "answer" or "tests", "kind"}]; PromptError naming the file
-    and line for bad JSON, a missing key or an empty prompt."""
+    and line for bad JSON, a missing key, an empty prompt, or "tests" that is not a non-empty list
+    of strings (a bare string would otherwise run each character as a test)."""
     if kind not in KINDS:
         raise PromptError(f"kind={kind!r} for {path}: expected one of {KINDS}")
     need = answer_key if kind == "answer" else "tests"
@@ -48,6 +49,10 @@ def load_records(path: str, *, prompt_key: str, answer_key: str, kind: str) -> l
                 raise PromptError(f"{path}:{i}: expected an object with a non-empty string {prompt_key!r}")
             if need not in row:
                 raise PromptError(f"{path}:{i}: missing {need!r} (needed by kind={kind!r})")
+            if kind == "code" and not (
+                isinstance(row[need], list) and row[need] and all(isinstance(t, str) for t in row[need])
+            ):
+                raise PromptError(f"{path}:{i}: {need!r} must be a non-empty list of snippet strings")
             if kind == "code":
                 records.append({"prompt": row[prompt_key], "tests": list(row[need]), "kind": kind})
             else:
@@ -55,6 +60,19 @@ def load_records(path: str, *, prompt_key: str, answer_key: str, kind: str) -> l
     if not records:
         raise PromptError(f"{path}: no records")
     return records
+
+
+def check_prompt_lengths(records: Sequence[dict], prompt_ids, max_prompt_len: int, where: str) -> None:
+    """PromptError naming `where` and the first record whose prompt, rendered by `prompt_ids(text)
+    -> ids`, has more than `max_prompt_len` tokens: checked before training, since a long prompt
+    drawn mid-run would otherwise stop the run."""
+    for i, record in enumerate(records):
+        n = len(prompt_ids(record["prompt"]))
+        if n > max_prompt_len:
+            raise PromptError(
+                f"{where}: record {i + 1} ({record['prompt'][:40]!r}) has {n} prompt tokens > "
+                f"config.rl.max_prompt_len={max_prompt_len}"
+            )
 
 
 class PromptStream:

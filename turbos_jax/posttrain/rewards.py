@@ -52,12 +52,25 @@ def extract_code(text: str) -> str:
 
 
 def code_reward(prompts, completions, metadata, limits: sandbox.Limits | None = None) -> np.ndarray:
-    """Fraction of metadata["tests"] (assert snippets) the response's code passes in the sandbox."""
+    """Fraction of metadata["tests"] (assert snippets) the response's code passes in the sandbox.
+
+    NaN (a reward failure: `score` counts it and scores 0) where no verdict is possible: a test
+    snippet that does not compile (the record's fault; checked here, nothing runs), or a sandbox
+    run with status "error" (the child died or reported nothing, e.g. a snippet calling
+    os._exit). A response whose code fails, loops or exhausts memory gets its fraction (0 if its
+    code does not run), which is a verdict, not a failure."""
     limits = sandbox.Limits() if limits is None else limits
     out = []
     for c, m in zip(completions, metadata, strict=True):
-        result = sandbox.run_python_tests(extract_code(c), list(m["tests"]), limits)
-        out.append(result.fraction)
+        tests = list(m["tests"])
+        try:
+            for i, t in enumerate(tests):
+                compile(t, f"test_{i}", "exec")
+        except (SyntaxError, ValueError, TypeError):
+            out.append(np.nan)
+            continue
+        result = sandbox.run_python_tests(extract_code(c), tests, limits)
+        out.append(np.nan if result.status == "error" else result.fraction)
     return np.array(out, np.float64)
 
 
@@ -117,10 +130,11 @@ class RewardSpec:
     difficulty_adaptive: bool = False
 
 
-def score(spec: RewardSpec, prompts, completions, metadata, token_ids, group_size: int):
+def score(spec: RewardSpec, prompts, completions, metadata, token_ids, group_size: int, labels=None):
     """-> ((R,) total rewards, {name: (R,) values}, metrics) for group-major responses.
 
-    metrics: reward/<name> (mean), reward_failures/<name> (count), reward/total, pass_rate."""
+    metrics: reward/<name> (mean), reward_failures/<name> (count), reward/total, pass_rate; with
+    `labels` (R,) (e.g. each row's prompt source) also reward_failures/<name>/<label> (count)."""
     parts, failures = {}, {}
     for name, (fn, _) in spec.components.items():
         parts[name], failures[name] = guard(fn, prompts, completions, metadata)
@@ -137,4 +151,9 @@ def score(spec: RewardSpec, prompts, completions, metadata, token_ids, group_siz
     metrics = {f"reward/{k}": float(np.mean(v)) for k, v in parts.items()}
     metrics |= {f"reward_failures/{k}": int(v.sum()) for k, v in failures.items()}
     metrics |= {"reward/total": float(np.mean(total)), "pass_rate": float(np.mean(correct))}
+    if labels is not None:
+        labels = np.asarray(labels)
+        for label in sorted(set(labels.tolist())):
+            on = labels == label
+            metrics |= {f"reward_failures/{k}/{label}": int(v[on].sum()) for k, v in failures.items()}
     return np.asarray(total, np.float64), parts, metrics

@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from turbos_jax import sharding
 from turbos_jax.generation.api import generate
 from turbos_jax.generation.quantize import quantize_params
 from turbos_jax.generation.sampling import SamplingParams
@@ -83,17 +85,22 @@ def sample_groups(
     eos_id: int | None,
     temperature: float = 1.0,
     int8: bool = False,
+    mesh=None,
 ) -> Rollouts:
-    """G samples per prompt (contiguous groups) with the sampler's per-token log-probs."""
+    """G samples per prompt (contiguous groups) with the sampler's per-token log-probs. With
+    `mesh` (params on it, possibly spanning processes) the prompts go in replicated and every
+    process gets the whole of the outputs: given the same prompts and rng, every process returns
+    the same Rollouts."""
     prompts = np.repeat(np.asarray(prompts, np.int32), group_size, axis=0)
     lengths = np.repeat(np.asarray(lengths, np.int32), group_size)
     sampler_params = quantize_params(params) if int8 else params
     compute_dtype = nnx.merge(graphdef, params).cfg.dtype
+    place = lambda x: x if mesh is None else sharding.global_array(x, NamedSharding(mesh, P()))
     tokens, n, logps = generate(
         graphdef,
         sampler_params,
-        prompts,
-        lengths,
+        place(prompts),
+        place(lengths),
         max_new_tokens=max_new_tokens,
         sampling=SamplingParams(temperature=temperature),
         rng=rng,
@@ -102,7 +109,7 @@ def sample_groups(
         ssm_state_dtype=jnp.float32,  # the report: a bf16 SSM state drifts and repeats
         kv_cache_dtype=compute_dtype,  # K/V exactly as the trainer's attention computes them
     )
-    tokens, n, logps = (np.asarray(x) for x in jax.device_get((tokens, n, logps)))
+    tokens, n, logps = (sharding.host_value(x) for x in (tokens, n, logps))
     last = tokens[np.arange(len(n)), n - 1]
     truncated = (n == max_new_tokens) & ((last != eos_id) if eos_id is not None else True)
     return Rollouts(prompts, lengths, tokens, n.astype(np.int32), logps.astype(np.float32), truncated)
