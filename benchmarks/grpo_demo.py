@@ -72,7 +72,9 @@ def _reap(running: dict) -> None:
         if proc.exitcode:
             for other in running.values():
                 other.terminate()
-            raise SystemExit(f"grpo_demo: a run failed with exit code {proc.exitcode}; its workdir has the log")
+            raise SystemExit(
+                f"grpo_demo: a run failed with exit code {proc.exitcode}; its workdir has the log"
+            )
 
 
 def define_flags() -> None:

@@ -15,7 +15,8 @@ top-p, no stop token, so every row generates the full length):
               config.model as in benchmarks/train_step_throughput.py's `nemotron_h_config`, experts
               of matched width), `do_sample=True, temperature=1.0, top_k=0`, KV / SSM cache on,
               `torch.set_num_threads(--torch_threads)`, under `torch.inference_mode()`; one
-              warm-up call, then the median of --repeats calls.
+              warm-up call of --torch_warmup_tokens new tokens, then the median of --repeats
+              calls.
 
 tokens/s = batch * new_tokens / median seconds (generated tokens only). Each side runs in its own
 subprocess (the two thread pools slow each other down). The last line reads
@@ -50,6 +51,13 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="timed calls; the median is reported")
     p.add_argument("--impls", default="jax,torch", help="comma-separated: jax, torch")
     p.add_argument("--torch_threads", type=int, default=2)
+    p.add_argument(
+        "--torch_warmup_tokens",
+        type=int,
+        default=8,
+        help="new tokens of PyTorch's untimed warm-up call (the same prefill and cached decode code "
+        "as a full call; nothing is compiled, so a short one is enough)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--worker", default="", help="internal: run one implementation and print its result")
@@ -142,18 +150,22 @@ def run_torch(args) -> dict:
         use_cache=True,
     )
 
-    def call():
+    def call(new_tokens):
         with torch.inference_mode():
-            out = model.generate(prompts, attention_mask=torch.ones_like(prompts), **kwargs)
-        assert out.shape == (args.batch, args.prompt_len + args.new_tokens), out.shape
+            out = model.generate(
+                prompts,
+                attention_mask=torch.ones_like(prompts),
+                **kwargs | {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens},
+            )
+        assert out.shape == (args.batch, args.prompt_len + new_tokens), out.shape
 
     start = time.perf_counter()
-    call()
+    call(min(args.torch_warmup_tokens, args.new_tokens))
     warm = time.perf_counter() - start
     times = []
     for _ in range(args.repeats):
         start = time.perf_counter()
-        call()
+        call(args.new_tokens)
         times.append(time.perf_counter() - start)
     detail = (
         f"torch {torch.__version__}, transformers {transformers.__version__}, {args.torch_threads} threads"

@@ -12,9 +12,10 @@ Calibration (same schedule and seed, held-out greedy exact match of 500 prompts 
 21 / 38 / 42 / 46 % while the held-out loss rises from step 600 on (memorised, a plateau, so more
 SFT on these labels does not help: the GRPO demonstration's control); 650 examples stay under 5 %
 and 1,000 reach 86 %. The band therefore comes from the label count and the plateau, not from
-stopping a steep curve early (as this config did before, on 20,000 examples); another machine's
-numerics may still move it by some points. Start from a pre-trained workdir instead with
---config.init_from=WORKDIR.
+stopping a steep curve early (as this config did before, on 20,000 examples). 800 labels sit on
+the edge, so numerics matter: these figures are two XLA threads (2 cores); pinned to one core the
+same command never found the carry rule and ended at 9.6 %. Start from a pre-trained workdir
+instead with --config.init_from=WORKDIR.
 """
 
 import ml_collections

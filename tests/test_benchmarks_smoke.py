@@ -8,6 +8,7 @@ The full smoke run (every op, both impls, Pallas interpret mode) takes over a mi
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -120,3 +121,27 @@ def test_decode_throughput_smoke_prints_both_tables():
     assert [r[0] for r in by_context] == ["32", "1,020"] and all(float(r[3]) > 0 for r in by_context)
     assert [r[0] for r in by_max_len] == ["1,024", "4,096"] and all(float(r[3]) > 0 for r in by_max_len)
     assert by_max_len[0][4] == by_max_len[1][4]  # compiled bytes accessed, max_len 1024 vs 4096
+
+
+@pytest.mark.parametrize("impls", ["jax", "jax,torch"])
+def test_rollout_throughput_smoke(impls):
+    """benchmarks/rollout_throughput.py at toy shapes: a row per implementation with positive
+    tokens/s, and with both the ratio line the issue asks for as the last line. PyTorch's side
+    needs torch + transformers (not CI dependencies)."""
+    if "torch" in impls:
+        pytest.importorskip("transformers", reason="the PyTorch side needs transformers (not in CI)")
+    env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+    script = os.path.join(ROOT, "benchmarks", "rollout_throughput.py")
+    flags = ["--batch=4", "--group=2", "--prompt_len=4", "--new_tokens=3", "--repeats=1", f"--impls={impls}"]
+    proc = subprocess.run(
+        [sys.executable, script, *flags], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [
+        line.split("|")
+        for line in proc.stdout.splitlines()
+        if line.startswith("| turbos-jax") or line.startswith("| PyTorch")
+    ]
+    assert len(rows) == len(impls.split(",")) and all(float(r[5].replace(",", "")) > 0 for r in rows)
+    if "torch" in impls:
+        assert re.fullmatch(r"turbos-jax / PyTorch: \d+\.\d\dx", proc.stdout.strip().splitlines()[-1])

@@ -81,7 +81,9 @@ def test_a_budget_stops_the_run_with_a_checkpoint(tmp_path):
     ckpt = Checkpointer(str(tmp_path / "arm" / "run" / "checkpoints"), keep=1)
     assert ckpt.steps() == [1]
     ckpt.close()
-    assert grpo_demo.finished(str(tmp_path / "arm"), 0.0) and not grpo_demo.finished(str(tmp_path / "arm"), 1.0)
+    assert grpo_demo.finished(str(tmp_path / "arm"), 0.0) and not grpo_demo.finished(
+        str(tmp_path / "arm"), 1.0
+    )
     with pytest.raises(FileExistsError, match="an arm runs once per workdir"):
         grpo_demo.run_arm("sft", config, str(tmp_path / "arm"), minutes=0.0)
     assert data["train"] and os.path.exists(data["eval"])

@@ -155,7 +155,9 @@ def comparison_table(results: Mapping[tuple[str, int], Points], times: Sequence[
     return "\n".join(lines)
 
 
-def verdict(results: Mapping[tuple[str, int], Points], minutes: float, margin: float = 10.0) -> tuple[bool, list[str]]:
+def verdict(
+    results: Mapping[tuple[str, int], Points], minutes: float, margin: float = 10.0
+) -> tuple[bool, list[str]]:
     """Per seed at the budget: GRPO's gain over the SFT start and its lead over the sft arm (points);
     passes when both are >= `margin` for every seed."""
     lines, passed = [], True
@@ -184,6 +186,11 @@ def plot_arms(ax, results: Mapping[tuple[str, int], Points], minutes: float) -> 
         label = None if arm in labelled else LABELS[arm]
         labelled.add(arm)
         ax.plot(t, [100 * x for x in v], "o-", ms=2.5, lw=1.2, color=colors[arm], alpha=0.85, label=label)
-    ax.set(xlabel="wall-clock minutes", ylabel="held-out greedy exact match (%)", xlim=(0, minutes), ylim=(0, 100))
+    ax.set(
+        xlabel="wall-clock minutes",
+        ylabel="held-out greedy exact match (%)",
+        xlim=(0, minutes),
+        ylim=(0, 100),
+    )
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left")
