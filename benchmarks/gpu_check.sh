@@ -172,7 +172,7 @@ done
 steps=()
 for f in "${files[@]}"; do steps+=("gpu_tests:$(basename "$f" .py)"); done
 steps+=(model_tests)
-if ((GPU)); then steps+=(kernels:all_ops kernels:long_sequences); else steps+=(kernels:smoke); fi
+if ((GPU)); then steps+=(kernels:all_ops rollouts kernels:long_sequences); else steps+=(kernels:smoke); fi
 printf '%s\n' "${steps[@]}" >>"$WORK/plan.txt"
 say "GPU classes: ${classes[*]}"
 
@@ -198,6 +198,11 @@ KARGS=(--out "$WORK/kernels.jsonl")
 read -r -a extra <<<"${GPU_CHECK_KERNELS_ARGS:-}"
 if ((GPU)); then
   run_step kernels:all_ops 120 "$PY" benchmarks/kernels.py --seq_lens=4096 "${KARGS[@]}" "${extra[@]}"
+  # RL rollout tokens/s at the issue's shapes (batch 64, prompt 64, 256 new tokens), against
+  # PyTorch's generate when torch + transformers are importable here (they are not in the wheelhouse).
+  impls=jax
+  "$PY" -c "import torch, transformers" 2>/dev/null && impls=jax,torch
+  run_step rollouts 150 "$PY" benchmarks/rollout_throughput.py --config=configs/small.py --impls=$impls
   run_step kernels:long_sequences 600 "$PY" benchmarks/kernels.py --ops=chunk_scan_fwd,chunk_scan_fwd_bwd \
     --seq_lens=8192,16384,32768 "${KARGS[@]}" "${extra[@]}"
 else

@@ -135,9 +135,10 @@ def run_torch(args) -> dict:
     torch.manual_seed(args.seed)
     hf_cfg = nemotron_h_config(cfg, args.prompt_len + args.new_tokens, cfg.expert_dim * 3 // 2)
     hf_cfg.use_cache = True
-    model = NemotronHForCausalLM._from_config(hf_cfg, dtype=torch.float32).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the GPU when there is one, as for jax
+    model = NemotronHForCausalLM._from_config(hf_cfg, dtype=torch.float32).eval().to(device)
     gen = torch.Generator().manual_seed(args.seed)
-    prompts = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt_len), generator=gen)
+    prompts = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt_len), generator=gen).to(device)
     kwargs = dict(
         do_sample=True,
         temperature=1.0,
@@ -158,6 +159,8 @@ def run_torch(args) -> dict:
                 **kwargs | {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens},
             )
         assert out.shape == (args.batch, args.prompt_len + new_tokens), out.shape
+        if device == "cuda":
+            torch.cuda.synchronize()
 
     start = time.perf_counter()
     call(min(args.torch_warmup_tokens, args.new_tokens))
@@ -167,8 +170,8 @@ def run_torch(args) -> dict:
         start = time.perf_counter()
         call(args.new_tokens)
         times.append(time.perf_counter() - start)
-    detail = (
-        f"torch {torch.__version__}, transformers {transformers.__version__}, {args.torch_threads} threads"
+    detail = f"torch {torch.__version__}, transformers {transformers.__version__}, " + (
+        torch.cuda.get_device_name() if device == "cuda" else f"{args.torch_threads} threads"
     )
     return {
         "implementation": "PyTorch NemotronH generate",

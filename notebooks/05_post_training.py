@@ -32,7 +32,11 @@
 #
 # Full run (`TURBOS_NOTEBOOK_SMOKE` unset): the documented 1,800 SFT steps (about 5 minutes on 2
 # cores), then 4 minutes per arm, one seed; benchmarks/grpo_demo.py runs the same arms for 12
-# minutes over three seeds (docs/post_training.md, "The demonstration"). MEASURED_FULL_RUN
+# minutes over three seeds (docs/post_training.md, "The demonstration"). Measured on the project's
+# shared 2-core CPU VM (jax 0.10.2, 2026-11-26; the other core partly busy): 18 min 19 s in all.
+# SFT took 356 s and reached 46.0 % held-out greedy exact match (the CLI's figure, to every digit of
+# the eval loss); after 4 minutes per arm GRPO stood at 60.8 %, continued SFT at 47.4 % and GRPO with
+# shuffled rewards at 26.2 % (one seed).
 # `TURBOS_NOTEBOOK_SMOKE=1` (set by the tests) runs 6 SFT steps and a few steps per arm with small
 # evaluations: the mechanics, not learning (the 6-step model answers nothing correctly, so GRPO
 # finds no reward spread and makes no update).
