@@ -1,5 +1,9 @@
 """Public MoE ops. Each data-moving op takes `impl=`: "xla" runs `reference.py`, "pallas" the kernels.
 
+impl="xla" on CPU: `grouped_matmul` runs `tiled.py` (a scan over the row tiles each group touches)
+instead of `ragged_dot`, which XLA:CPU computes as a masked product over every group (E times the
+FLOPs); same results up to summation order.
+
 The integer routing helpers (`sort_by_expert`, `capacity_positions`) are index bookkeeping with no
 kernel planned, so they take no `impl`. `reference.py` stays the ground truth the kernels are tested
 against.
@@ -25,7 +29,7 @@ import functools
 import jax
 
 from pallas_kernels import check_impl
-from pallas_kernels.moe import kernel, reference
+from pallas_kernels.moe import kernel, reference, tiled
 
 sort_by_expert = reference.sort_by_expert
 capacity_positions = reference.capacity_positions
@@ -50,6 +54,8 @@ def grouped_matmul(
     check_impl(impl, "moe.grouped_matmul")
     if impl == "pallas":
         return kernel.grouped_matmul(lhs, rhs, group_sizes, preferred_element_type)
+    if jax.default_backend() == "cpu":  # no grouped matmul in XLA:CPU (module docstring)
+        return tiled.grouped_matmul(lhs, rhs, group_sizes, preferred_element_type)
     return reference.grouped_matmul(lhs, rhs, group_sizes, preferred_element_type)
 
 
