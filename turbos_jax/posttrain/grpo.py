@@ -43,7 +43,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -52,7 +51,7 @@ from turbos_jax import sharding
 from turbos_jax.posttrain import advantages as adv_lib
 from turbos_jax.posttrain import grpo_loss, rewards
 from turbos_jax.posttrain import rollouts as ro_lib
-from turbos_jax.step import TrainSetup
+from turbos_jax.step import TrainSetup, train_setup
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,20 +117,13 @@ class RLProgram(NamedTuple):
 def build_rl_program(config, model_cfg, mesh, microbatches: int) -> RLProgram:
     """The RL counterpart of step.build_train_program: same optimizer and shardings; the policy
     forward is dropless (routing as in the sampler); the state adds the frozen "reference"."""
-    from turbos_jax import optim
-    from turbos_jax.model import TurbosModel
+    base = train_setup(config, dataclasses.replace(model_cfg, capacity_factor=0.0))
+    graphdef, tx = base.graphdef, base.tx
 
-    model_cfg = dataclasses.replace(model_cfg, capacity_factor=0.0)
-    tx = optim.make_optimizer(config.optim)
-    schedule = optim.make_schedule(config.optim.schedule)
-    make_model = lambda: TurbosModel(model_cfg, rngs=nnx.Rngs(config.seed))
-    graphdef, _ = nnx.split(nnx.eval_shape(make_model))
+    def init_state():  # the trainer's fresh state, plus the reference (a copy of the policy)
+        return from_params(base.init_state()["params"], tx)
 
-    def init_state():
-        params = nnx.split(make_model())[1]
-        return from_params(params, tx)
-
-    setup = TrainSetup(graphdef, tx, schedule, init_state, jax.eval_shape(init_state))
+    setup = base._replace(init_state=init_state, abstract_state=jax.eval_shape(init_state))
     state_shardings = sharding.named_shardings(setup.abstract_state, mesh)
     batch_sharding = NamedSharding(mesh, P(("data", "expert")))
     step = grpo_loss.make_rl_step(graphdef, tx, microbatches)
