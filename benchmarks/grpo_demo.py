@@ -2,8 +2,7 @@ r"""GRPO against its two controls on the arithmetic task, at equal wall-clock, o
 
     python -m turbos_jax.posttrain.arithmetic --out_dir=/tmp/turbos-arith --levels=2 \
         --operations=add --response=answer --num_train=800 --num_eval=500 --num_rl=20000
-    python -m turbos_jax.sft --config=configs/sft_tiny.py --workdir=/tmp/turbos-sft
-    python benchmarks/grpo_demo.py --sft_workdir=/tmp/turbos-sft --data_dir=/tmp/turbos-arith \
+    python benchmarks/grpo_demo.py --data_dir=/tmp/turbos-arith \
         --out_dir=/tmp/grpo-demo --minutes=12 --seeds=0,1,2 --parallel=2 --cores_per_run=1 \
         --plot=docs/images/grpo_demo.png
 
@@ -78,7 +77,9 @@ def _reap(running: dict) -> None:
 
 
 def define_flags() -> None:
-    flags.DEFINE_string("sft_workdir", None, "SFT workdir every arm starts from.", required=True)
+    flags.DEFINE_string(
+        "init_from", "", "SFT workdir or parameters file every arm starts from (default: the shipped one)."
+    )
     flags.DEFINE_string("data_dir", None, "Task files (train, eval, rl_prompts .jsonl).", required=True)
     flags.DEFINE_string("out_dir", None, "Runs go to OUT_DIR/ARM-sSEED.", required=True)
     flags.DEFINE_float("minutes", 12.0, "Wall-clock budget of every run.")
@@ -97,14 +98,14 @@ def define_flags() -> None:
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from turbos_jax.posttrain import grpo_demo
+    from turbos_jax.posttrain import arithmetic, grpo_demo
 
     if bad := set(FLAGS.arms) - set(grpo_demo.ARMS) or ({"grpo"} - set(FLAGS.arms)):
         raise app.UsageError(f"--arms: {sorted(bad)} invalid; choose among {grpo_demo.ARMS}, grpo included")
     seeds = [int(s) for s in FLAGS.seeds]
     options = {
         "config": {
-            "sft_workdir": FLAGS.sft_workdir,
+            "init_from": FLAGS.init_from or arithmetic.SFT_PARAMS,
             "data_dir": FLAGS.data_dir,
             "minutes": FLAGS.minutes,
             "eval_seconds": FLAGS.eval_seconds,

@@ -4,15 +4,16 @@
         --operations=add --response=answer --num_train=800 --num_eval=500 --num_rl=20000
     python -m turbos_jax.posttrain.arithmetic --out_dir=/tmp/turbos-arith-general --levels=1 \
         --num_train=0 --num_eval=10 --num_rl=2000
-    python -m turbos_jax.sft --config=configs/sft_tiny.py --workdir=/tmp/turbos-sft
-    python -m turbos_jax.rl --config=configs/grpo_tiny.py --workdir=/tmp/turbos-grpo \
-        --config.init_from=/tmp/turbos-sft
+    python -m turbos_jax.rl --config=configs/grpo_tiny.py --workdir=/tmp/turbos-grpo
 
-Same model, tokenizer and prompt template (config.sft) as configs/sft_tiny.py, so the SFT checkpoint
-(3-digit addition answered directly, `478+256=` -> `734` + "\n") loads as the policy and the frozen
-reference. Each step samples G = 8 responses to 16 prompts (128 sequences, temperature 1.0),
-scores them with the answer checker, drops groups without reward spread and refills them (dynamic
-sampling), and makes one token-level GRPO update.
+Same model, tokenizer and prompt template (config.sft) as configs/sft_tiny.py, whose shipped result
+(`turbos_jax/posttrain/shipped/sft_tiny_addition.safetensors`: 3-digit addition answered directly,
+`478+256=` -> `734` + "\n", 46.0 % held-out exact match) loads as the policy and the frozen
+reference; `--config.init_from=/tmp/turbos-sft` starts from an SFT run of your own instead
+(`python -m turbos_jax.sft --config=configs/sft_tiny.py --workdir=/tmp/turbos-sft`). Each step
+samples G = 8 responses to 16 prompts (128 sequences, temperature 1.0), scores them with the answer
+checker, drops groups without reward spread and refills them (dynamic sampling), and makes one
+token-level GRPO update.
 
 Two stages as phases (TurboS §3.5.1): stage I on reasoning prompts with a small KL (the report's
 mixture is code : math : logic = 2 : 2 : 1; this tiny task has math only), stage II on "general"
@@ -27,11 +28,13 @@ stayed at 48-51 % and shuffled rewards fell to 5-14 %.
 import ml_collections
 
 from configs import sft_tiny
+from turbos_jax.posttrain import arithmetic
 
 
 def get_config():
     config = sft_tiny.get_config()
-    config.init_from = ""  # the SFT workdir: policy and frozen reference (--config.init_from=...)
+    # Policy and frozen reference: an SFT workdir or parameters file (default: the shipped one).
+    config.init_from = arithmetic.SFT_PARAMS
     config.total_steps = 200
     config.log_every_steps = 5
     config.eval_every_steps = 25  # eval_exact_match (greedy, held out) at step 0 and this cadence

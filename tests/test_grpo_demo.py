@@ -13,7 +13,7 @@ from turbos_jax.sft import sft
 
 
 def test_arm_configs_differ_only_where_the_protocol_says():
-    kw = dict(seed=3, sft_workdir="/sft", data_dir="/d", minutes=2.0, eval_seconds=30, eval_prompts=50)
+    kw = dict(seed=3, init_from="/sft", data_dir="/d", minutes=2.0, eval_seconds=30, eval_prompts=50)
     grpo, shuffled, cont = (grpo_demo.arm_config(a, **kw) for a in ("grpo", "shuffled", "sft"))
     assert not grpo.rl.shuffle_rewards and shuffled.rl.shuffle_rewards
     grpo.rl.shuffle_rewards = True
@@ -64,14 +64,14 @@ def test_a_budget_stops_the_run_with_a_checkpoint(tmp_path):
     data = arithmetic.write_task_files(
         str(tmp_path / "task"), num_train=100, num_eval=8, num_rl=0, seed=0, levels=(1,), operations=("add",)
     )
-    kw = dict(seed=0, sft_workdir=str(tmp_path / "sft"), data_dir=str(tmp_path / "task"), eval_prompts=4)
+    kw = dict(seed=0, init_from=str(tmp_path / "sft"), data_dir=str(tmp_path / "task"), eval_prompts=4)
     config = grpo_demo.arm_config("sft", minutes=1.0, **kw)
     config.model.layout = "AFMF"
     config.batch_size, config.seq_len, config.eval_batches = 8, 64, 1  # 8 fake devices
     config.total_steps, config.log_every_steps, config.init_from = 2, 1, ""
-    sft(config, kw["sft_workdir"])  # the start every arm restores
+    sft(config, kw["init_from"])  # the start every arm restores
 
-    config.total_steps, config.eval_every_steps, config.init_from = 50, 1000, kw["sft_workdir"]
+    config.total_steps, config.eval_every_steps, config.init_from = 50, 1000, kw["init_from"]
     points = grpo_demo.run_arm("sft", config, str(tmp_path / "arm"), minutes=0.0)
     # A zero budget stops at the first row (the step-0 evaluation): SIGTERM, checkpoint after step 1.
     assert len(points) == 1 and points[0][0] > 0 and 0.0 <= points[0][1] <= 1.0
@@ -87,3 +87,43 @@ def test_a_budget_stops_the_run_with_a_checkpoint(tmp_path):
     with pytest.raises(FileExistsError, match="an arm runs once per workdir"):
         grpo_demo.run_arm("sft", config, str(tmp_path / "arm"), minutes=0.0)
     assert data["train"] and os.path.exists(data["eval"])
+
+
+def test_the_shipped_sft_start_scores_what_the_docs_say(tmp_path):
+    """arithmetic.SFT_PARAMS is configs/sft_tiny.py's 46.0 % run: greedy exact match on the 500
+    held-out prompts the documented data command writes. (Float sums differ with the XLA thread
+    count, so a few borderline answers may flip: 44-48 %. A from-scratch model scores 0 %.)"""
+    from configs import sft_tiny
+    from turbos_jax.config import ModelConfig
+    from turbos_jax.data.sft import make_format, read_examples
+    from turbos_jax.generate import restore_params
+    from turbos_jax.posttrain.evaluation import exact_match
+
+    files = arithmetic.write_task_files(
+        str(tmp_path),
+        num_train=0,
+        num_eval=500,
+        num_rl=0,
+        seed=0,
+        levels=(2,),
+        operations=("add",),
+        response="answer",
+    )
+    config = sft_tiny.get_config()
+    fmt = make_format(config)
+    graphdef, params, step = restore_params(
+        ModelConfig.from_config(config.model), arithmetic.SFT_PARAMS, config
+    )
+    assert step == 1800
+    examples = read_examples(files["eval"], fmt, key="eval_file")
+    result = exact_match(
+        graphdef,
+        params,
+        [e.prompt_ids for e in examples],
+        [e.reference for e in examples],
+        tokenizer=fmt.tokenizer,
+        stop_id=fmt.stop_id,
+        max_new_tokens=config.sft.max_new_tokens,
+        batch_size=250,
+    )
+    assert len(examples) == 500 and 0.44 <= result.accuracy <= 0.48, result.accuracy

@@ -1,4 +1,5 @@
-"""config.init_from: a run without checkpoints starts from another workdir's newest checkpoint.
+"""config.init_from: a run without checkpoints starts from another workdir's newest checkpoint, or
+from a parameters file (`convert --to_params`).
 
 INIT_FULL (the next pre-training stage) takes parameters, optimizer state and step and counts on;
 INIT_PARAMS (sft, rl) takes parameters only with a fresh optimizer at step 0. A resume wins over
@@ -15,12 +16,15 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import tiny
-from turbos_jax import optim, train
+from turbos_jax import convert, optim, train
 from turbos_jax import training_loop as loop
 from turbos_jax.checkpointing import IncompatibleCheckpointError, InitFromError, leaf_path
-from turbos_jax.config import ConfigError
+from turbos_jax.config import ConfigError, ModelConfig
 from turbos_jax.data import make_train_iterator
+from turbos_jax.generate import restore_params
+from turbos_jax.interop import safetensors_io
 from turbos_jax.metrics import read_jsonl
+from turbos_jax.params_file import ParamsFileError
 
 SOURCE_STEPS = 4
 
@@ -156,3 +160,63 @@ def test_missing_source_and_exhausted_steps_are_one_line_errors(source, tmp_path
     config.init_from = None
     with pytest.raises(ConfigError, match=r"^config.init_from=None: expected a workdir path"):
         _start(config, str(tmp_path / "c"), loop.INIT_FULL)
+
+
+# ------------------------------------------------------------------ parameters files (params_file.py)
+@pytest.fixture(scope="module")
+def params_file_of_source(source, tmp_path_factory):
+    """`convert --to_params` of the source run's newest checkpoint (step 4)."""
+    path = str(tmp_path_factory.mktemp("params") / "source.safetensors")
+    assert convert.to_params(source, path) == sum(
+        v.size for v in _leaves(_saved_state(source, 4)["params"]).values()
+    )
+    return path
+
+
+@pytest.mark.parametrize("init", [loop.INIT_FULL, loop.INIT_PARAMS])
+def test_params_file_starts_any_command_with_those_params_at_step_0(
+    source, params_file_of_source, tmp_path, init
+):
+    start = _start(_config(6, params_file_of_source), str(tmp_path / "w"), init)
+    assert start.step == 0 and int(start.state["step"]) == 0  # a file has no optimizer state to count on
+    saved = _leaves(_saved_state(source, SOURCE_STEPS)["params"])
+    got = _leaves(jax.device_get(start.state["params"]))
+    assert got.keys() == saved.keys()
+    for path, value in saved.items():  # placed on the 8-device mesh, bit for bit
+        np.testing.assert_array_equal(got[path], value, err_msg=path)
+    moments = [v for p, v in _leaves(jax.device_get(start.state["opt_state"])).items() if "/mu/" in p]
+    assert moments and all(not v.any() for v in moments)
+    # generate (and every sampler built on restore_params) reads the same file onto one device.
+    model_cfg = ModelConfig.from_config(_config(6).model)
+    _, params, step = restore_params(model_cfg, params_file_of_source)
+    assert step == SOURCE_STEPS
+    for path, value in _leaves(jax.device_get(params)).items():
+        np.testing.assert_array_equal(value, saved[path], err_msg=path)
+
+
+def test_params_file_mismatch_and_bad_files_are_one_line_errors(source, params_file_of_source, tmp_path):
+    before = _listing(os.path.dirname(params_file_of_source))
+    workdir = tmp_path / "bad"
+    config = _config(6, params_file_of_source)
+    config.model.d_model = 32
+    with pytest.raises(ParamsFileError) as err:
+        _start(config, str(workdir), loop.INIT_PARAMS)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(params_file_of_source)
+    assert "embed/embedding is (256, 64) float32 in the file, (256, 32) float32 here" in message
+    assert "config.model.d_model: 64 in the file's config, 32 here" in message
+    assert os.listdir(workdir) == [] and _listing(os.path.dirname(params_file_of_source)) == before
+
+    foreign = str(tmp_path / "model.safetensors")  # a safetensors file from elsewhere (no turbos metadata)
+    safetensors_io.write_file(foreign, [("w", np.ones((2, 2), np.float32))])
+    for path, pattern in [
+        (foreign, r"model.safetensors: not a turbos-jax parameters file \(metadata format 'pt'"),
+        (str(tmp_path / "missing.safetensors"), r"missing.safetensors: no such parameters file$"),
+    ]:
+        with pytest.raises(ParamsFileError, match=pattern):
+            _start(_config(6, path), str(tmp_path / "w2"), loop.INIT_PARAMS)
+    with pytest.raises(convert.ConvertError, match="already exists"):
+        convert.to_params(source, params_file_of_source)  # never overwritten
+    with pytest.raises(convert.ConvertError, match=r"expected a file name ending in \.safetensors"):
+        convert.to_params(source, str(tmp_path / "params.bin"))
+    assert _listing(os.path.dirname(params_file_of_source)) == before

@@ -1,5 +1,6 @@
 """What an install ships: a wheel built from this checkout holds `configs` (importable without the
-repository, as a Colab `pip install git+...` gives) and the packaged tokenizer of configs/small.py."""
+repository, as a Colab `pip install git+...` gives), the packaged tokenizer of configs/small.py and
+the GRPO demonstration's SFT parameters."""
 
 import glob
 import os
@@ -36,6 +37,7 @@ def test_wheel_ships_configs_and_tokenizer_and_they_import_without_the_checkout(
     assert {"configs/__init__.py", "configs/tiny.py", "configs/small.py"} <= config_files
     assert config_files <= names, sorted(config_files - names)
     assert "turbos_jax/data/embedded_bpe.json" in names
+    assert "turbos_jax/posttrain/shipped/sft_tiny_addition.safetensors" in names
 
     # Import from the unpacked wheel only: PYTHONPATH holds it, and the working directory holds no
     # checkout (dependencies still come from site-packages).

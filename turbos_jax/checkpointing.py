@@ -263,7 +263,7 @@ def leaf_path(path) -> str:
     return "/".join(names)
 
 
-def _describe(leaf) -> str:
+def describe(leaf) -> str:
     return f"{tuple(leaf.shape)} {np.dtype(leaf.dtype).name}"
 
 
@@ -273,34 +273,36 @@ def _compare(state_dir: epath.Path, abstract_state, explain, *, only: str | None
     handler = ocp.StandardCheckpointHandler()
     try:
         metadata = handler.metadata(state_dir)
-        saved = {leaf_path(p): _describe(v) for p, v in jax.tree_util.tree_leaves_with_path(metadata)}
+        saved = {leaf_path(p): describe(v) for p, v in jax.tree_util.tree_leaves_with_path(metadata)}
         if only is not None:
             saved = {p: v for p, v in saved.items() if p.startswith(only + "/")}
     except Exception as e:  # noqa: BLE001 - unreadable metadata is damage, not a mismatch
         return _DAMAGED, _first_line(e)
     finally:
         handler.close()
-    wanted = {leaf_path(p): _describe(v) for p, v in jax.tree_util.tree_leaves_with_path(abstract_state)}
-    # Parameters first: the optimizer's moments mirror them, and a parameter path is what a user
-    # recognises (params/embed/embedding rather than opt_state/1/0/mu/embed/embedding).
+    wanted = {leaf_path(p): describe(v) for p, v in jax.tree_util.tree_leaves_with_path(abstract_state)}
+    mismatch = first_mismatch(saved, wanted, explain)
+    return (_INCOMPATIBLE, mismatch) if mismatch else (_OK, "")
+
+
+def first_mismatch(
+    saved: dict[str, str], wanted: dict[str, str], explain, *, what: str = "the checkpoint"
+) -> str:
+    """The first difference between two {leaf path: "(shape) dtype"} maps, as one phrase with
+    `explain`'s hint, or "" when they agree: a wanted leaf missing from or shaped differently in
+    `saved` (parameters first: the optimizer's moments mirror them, and a parameter path is what a
+    user recognises), else a saved leaf this config does not build."""
     for path, want in sorted(wanted.items(), key=lambda item: not item[0].startswith("params/")):
         have = saved.get(path)
         if have == want:
             continue
         if have is None:
-            return _INCOMPATIBLE, f"{path} ({want} here) is not in the checkpoint" + _hint(
-                explain, path, None, want
-            )
-        return _INCOMPATIBLE, f"{path} is {have} in the checkpoint, {want} here" + _hint(
-            explain, path, have, want
-        )
+            return f"{path} ({want} here) is not in {what}" + _hint(explain, path, None, want)
+        return f"{path} is {have} in {what}, {want} here" + _hint(explain, path, have, want)
     extra = [p for p in saved if p not in wanted]
     if extra:
-        return (
-            _INCOMPATIBLE,
-            f"the checkpoint has {extra[0]} ({saved[extra[0]]}), which this config does not build",
-        )
-    return _OK, ""
+        return f"{what} has {extra[0]} ({saved[extra[0]]}), which this config does not build"
+    return ""
 
 
 def _hint(explain, path, have, want) -> str:

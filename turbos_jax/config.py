@@ -329,7 +329,10 @@ def check_train_config(config) -> None:
     if not isinstance(config.compilation_cache_dir, str):
         fail("compilation_cache_dir", "expected a directory path, or '' for no cache")
     if not isinstance(config.init_from, str):
-        fail("init_from", "expected a workdir path, or '' to start from scratch")
+        fail(
+            "init_from",
+            "expected a workdir path, a parameters file (*.safetensors), or '' to start from scratch",
+        )
 
 
 def check_capacity_group(group: int, seq_len: int, context: int) -> None:

@@ -2,6 +2,7 @@ r"""Converts Hugging Face hybrid checkpoints to turbos-jax workdirs and back (do
 
     python -m turbos_jax.convert --from_hf=/path/to/hf_model --workdir=/tmp/granite
     python -m turbos_jax.convert --to_hf=/tmp/granite_hf --workdir=/tmp/granite [--dtype=bfloat16]
+    python -m turbos_jax.convert --to_params=/tmp/sft.safetensors --workdir=/tmp/turbos-sft
 
 --from_hf writes a normal trainer workdir: `config.json` (the full train config `interop.hf.load`
 derives, with the source config.json inside as `hf_config`), `config.py` (loads that JSON, so
@@ -10,6 +11,9 @@ derives, with the source config.json inside as `hf_config`), `config.py` (loads 
 the trainer's own `Checkpointer`. It refuses a workdir that already holds checkpoints.
 --to_hf reads the newest checkpoint's parameters and writes safetensors shards + config.json
 (+ tokenizer.json when the config names one).
+--to_params writes the newest checkpoint's parameters and the workdir's config into one turbos-jax
+parameters file (turbos_jax/params_file.py), which `--config.init_from=FILE` (train, sft, rl) and
+`generate --workdir=FILE` read: any architecture, no optimizer state.
 Mistakes (unsupported checkpoint, bad flags, occupied workdir) end in one `error: ...` line.
 """
 
@@ -30,7 +34,9 @@ from turbos_jax.config import ModelConfig
 from turbos_jax.data import DataError
 from turbos_jax.interop.hf_config import UnsupportedCheckpointError
 
-_FROM_HF = _TO_HF = _WORKDIR = _DTYPE = None  # absl flags, defined by define_flags() (not on import)
+_FROM_HF = _TO_HF = _TO_PARAMS = _WORKDIR = _DTYPE = (
+    None  # absl flags, defined by define_flags() (not on import)
+)
 
 CONFIG_LOADER = '''"""The train config of a converted workdir: the config.json next to this file."""
 
@@ -47,11 +53,14 @@ def get_config():
 
 
 def define_flags() -> None:
-    global _FROM_HF, _TO_HF, _WORKDIR, _DTYPE
+    global _FROM_HF, _TO_HF, _TO_PARAMS, _WORKDIR, _DTYPE
     if _WORKDIR is not None:
         return
     _FROM_HF = flags.DEFINE_string("from_hf", None, "HF checkpoint directory to import.")
     _TO_HF = flags.DEFINE_string("to_hf", None, "Directory to export an HF checkpoint into.")
+    _TO_PARAMS = flags.DEFINE_string(
+        "to_params", None, "turbos-jax parameters file (*.safetensors) to write."
+    )
     _WORKDIR = flags.DEFINE_string("workdir", None, "turbos-jax workdir (written by --from_hf).")
     _DTYPE = flags.DEFINE_string("dtype", None, "--to_hf tensor dtype (default: the source's).")
 
@@ -119,14 +128,35 @@ def to_hf(workdir: str, out_dir: str, dtype: str | None = None) -> list[str]:
     return files
 
 
+def to_params(workdir: str, path: str) -> int:
+    """Writes the newest checkpoint of `workdir` as a parameters file at `path`; returns the number
+    of parameters. An existing file is refused (nothing is overwritten)."""
+    from turbos_jax import params_file
+    from turbos_jax.generate import restore_params
+
+    if not params_file.is_params_file(path):
+        raise ConvertError(f"--to_params={path}: expected a file name ending in {params_file.SUFFIX}")
+    if os.path.exists(path):
+        raise ConvertError(f"--to_params={path}: already exists; choose a new file name")
+    config = read_workdir_config(workdir)
+    _, params, step = restore_params(ModelConfig.from_config(config.model), workdir, config)
+    return params_file.save(path, params, config, step)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    if not _WORKDIR.value or bool(_FROM_HF.value) == bool(_TO_HF.value):
-        raise app.UsageError("--workdir and exactly one of --from_hf=DIR or --to_hf=DIR are required")
-    if _FROM_HF.value:
+    targets = [f for f in (_FROM_HF, _TO_HF, _TO_PARAMS) if f.value]
+    if not _WORKDIR.value or len(targets) != 1:
+        raise app.UsageError(
+            "--workdir and exactly one of --from_hf=DIR, --to_hf=DIR or --to_params=FILE are required"
+        )
+    if _TO_PARAMS.value:
+        n = to_params(_WORKDIR.value, _TO_PARAMS.value)
+        print(f"wrote {n:,} parameters of {_WORKDIR.value} to {_TO_PARAMS.value}", flush=True)
+    elif _FROM_HF.value:
         n = from_hf(_FROM_HF.value, _WORKDIR.value)
         print(f"imported {n:,} parameters into {_WORKDIR.value} (checkpoint step 0)", flush=True)
     else:

@@ -7,7 +7,8 @@ r"""Samples a continuation from a trained checkpoint:
 1. `config.model` gives the architecture; the model is built abstractly (`nnx.eval_shape`).
 2. Only the "params" subtree of the newest step in WORKDIR/checkpoints/<step>/state is restored
    (Orbax partial restore into those abstract shapes, on one device; the optimizer state is never
-   read). --int8 quantises the matmul weights for sampling (generation/quantize.py).
+   read); a parameters file (`--workdir=FILE.safetensors`, turbos_jax/params_file.py) is read
+   whole instead. --int8 quantises the matmul weights for sampling (generation/quantize.py).
 3. The prompt is tokenized with `config.data.tokenizer` (and prefilled --prefill_chunk tokens at a
    time when set), generation stops at the tokenizer's EOS
    (if it has one) or after --max_new_tokens, and the decoded continuation is printed.
@@ -23,7 +24,7 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from turbos_jax import cli, compile_cache
+from turbos_jax import cli, compile_cache, params_file
 from turbos_jax.config import ModelConfig
 from turbos_jax.data import DataError, load_tokenizer
 from turbos_jax.generation.api import generate
@@ -43,7 +44,9 @@ def define_flags() -> None:
     if _CONFIG is not None:
         return
     _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-    _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir holding checkpoints/.")
+    _WORKDIR = flags.DEFINE_string(
+        "workdir", None, "Training workdir holding checkpoints/, or a parameters file (*.safetensors)."
+    )
     _PROMPT = flags.DEFINE_string("prompt", None, "Prompt text.")
     _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate at most.")
     _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
@@ -61,12 +64,20 @@ class GenerateError(cli.UserError):
     """Bad generation input: missing checkpoint, bad flag value."""
 
 
-def restore_params(model_cfg: ModelConfig, workdir: str):
-    """(graphdef, params) from the newest checkpoint's "params" subtree, on the default device."""
+def restore_params(model_cfg: ModelConfig, workdir: str, config=None):
+    """(graphdef, params, step) from the newest checkpoint's "params" subtree, on the default
+    device; `workdir` may also be a parameters file (turbos_jax/params_file.py), whose mismatch
+    error names the `config.model` key behind it when the train `config` is given."""
     import orbax.checkpoint as ocp
 
     from turbos_jax.model import TurbosModel
 
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: TurbosModel(model_cfg, rngs=nnx.Rngs(0))))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
+    if params_file.is_params_file(workdir):
+        params = params_file.load(workdir, abstract, config)
+        return graphdef, params, params_file.read_step(workdir)
     directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     steps = []
     if os.path.isdir(directory):
@@ -76,9 +87,6 @@ def restore_params(model_cfg: ModelConfig, workdir: str):
             f"--workdir={workdir}: no checkpoint in {directory} (train first: "
             "python -m turbos_jax.train --config=... --workdir=...)"
         )
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: TurbosModel(model_cfg, rngs=nnx.Rngs(0))))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
     manager = ocp.CheckpointManager(directory, item_names=("state",))
     try:
         restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=device), abstract)
@@ -128,7 +136,7 @@ def main(argv):
         raise GenerateError("--prompt: empty after tokenization")
     if max(ids) >= model_cfg.vocab_size:
         raise GenerateError(f"--prompt: token id {max(ids)} >= config.model.vocab_size")
-    graphdef, params, step = restore_params(model_cfg, _WORKDIR.value)
+    graphdef, params, step = restore_params(model_cfg, _WORKDIR.value, config)
     if _INT8.value:
         params = quantize_params(params)
     tokens, n = generate(

@@ -10,15 +10,16 @@ Each command owns only its data and its evaluation; the checkpoint layout, resum
 progress bar, SIGTERM handling and the non-finite guard are the same for all of them.
 
 `config.init_from` (a workdir) starts a run from the newest checkpoint of another run, only when this
-run's workdir has no checkpoint of its own (a resume always wins). How much of that checkpoint is
-taken is the command's choice (`init`):
+run's workdir has no checkpoint of its own (a resume always wins); a parameters file
+(`*.safetensors`, `params_file.py`) gives parameters only, as INIT_PARAMS below, for every command.
+How much of a workdir's checkpoint is taken is the command's choice (`init`):
   INIT_FULL    parameters, optimizer state and step (pre-training stages 4K -> 32K -> 256K): the
                step and the LR schedule count on from the checkpoint's step; the data pipeline
                starts fresh (its state belongs to the other run's data).
   INIT_PARAMS  parameters only, a fresh optimizer and step 0 (SFT from a pre-trained model, RL from
                an SFT model).
-A tree, shape or dtype mismatch is `IncompatibleCheckpointError` naming the parameter; nothing in
-either workdir is written or moved by a failed start (`checkpointing.restore_for_init`).
+A tree, shape or dtype mismatch is `IncompatibleCheckpointError` (a workdir) or `ParamsFileError`
+(a file) naming the parameter; nothing in either place is written or moved by a failed start.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from turbos_jax import accounting, checkpointing, compile_cache, metrics, sharding
+from turbos_jax import accounting, checkpointing, compile_cache, metrics, params_file, sharding
 from turbos_jax import workdir as run_dir
 from turbos_jax.checkpointing import Checkpointer
 from turbos_jax.config import ConfigError, ModelConfig, check_train_config
@@ -149,27 +150,27 @@ def _init_from(run: Run, abstract, init: str, from_params: Callable | None) -> t
     if init not in (INIT_FULL, INIT_PARAMS):
         raise ValueError(f"init={init!r}: expected {INIT_FULL!r} or {INIT_PARAMS!r}")
     source = os.path.abspath(os.path.expanduser(config.init_from))
-    hint = run_dir.config_hint(run_dir.saved_config(source), config)
-    step, restored = checkpointing.restore_for_init(
-        os.path.join(source, "checkpoints"), abstract, params_only=init == INIT_PARAMS, explain=hint
-    )
-    if init == INIT_PARAMS:
-        tx = program.setup.tx
+    if init == INIT_FULL and not params_file.is_params_file(source):
+        hint = run_dir.config_hint(run_dir.saved_config(source), config)
+        checkpoints = os.path.join(source, "checkpoints")
+        step, state = checkpointing.restore_for_init(checkpoints, abstract, params_only=False, explain=hint)
+        if step >= config.total_steps:
+            raise ConfigError(
+                f"config.total_steps={config.total_steps}: must exceed step {step} of the config.init_from "
+                f"checkpoint in {source} (the step counts on from it)"
+            )
+        print(f"starting from {source} checkpoint step {step} (parameters and optimizer state)", flush=True)
+        return step, state
+    step, params = params_file.init_params(source, abstract, config)
+    tx = program.setup.tx
 
-        def fresh(params):
-            return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+    def fresh(params):
+        return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
-        fresh = fresh if from_params is None else from_params
-        state = jax.jit(fresh, out_shardings=program.state_shardings, donate_argnums=0)(restored["params"])
-        print(f"parameters from {source} (checkpoint step {step}); fresh optimizer, step 0", flush=True)
-        return 0, state
-    if step >= config.total_steps:
-        raise ConfigError(
-            f"config.total_steps={config.total_steps}: must exceed step {step} of the config.init_from "
-            f"checkpoint in {source} (the step counts on from it)"
-        )
-    print(f"starting from {source} checkpoint step {step} (parameters and optimizer state)", flush=True)
-    return step, restored
+    fresh = fresh if from_params is None else from_params
+    state = jax.jit(fresh, out_shardings=program.state_shardings, donate_argnums=0)(params)
+    print(f"parameters from {source} (checkpoint step {step}); fresh optimizer, step 0", flush=True)
+    return 0, state
 
 
 # ----------------------------------------------------------------------------- the loop

@@ -64,7 +64,7 @@ def _flat(tree, prefix=""):
             yield f"{prefix}{key}", value
 
 
-def config_hint(saved: dict | None, config):
+def config_hint(saved: dict | None, config, where: str = "the checkpoint's config.json"):
     """-> `explain(path, have, want)` for `Checkpointer.restore_latest`: the config key(s) most
     likely behind a mismatch ("have"/"want" are "(shape) dtype" strings; "have" None = missing).
 
@@ -84,8 +84,7 @@ def config_hint(saved: dict | None, config):
             related = [k for k in changed if {str(before[k]), str(current[k])} & (words_have | words_want)]
             keys = related or changed
             return "likely " + ", ".join(
-                f"config.{k}: {before[k]!r} in the checkpoint's config.json, {current[k]!r} here"
-                for k in keys[:3]
+                f"config.{k}: {before[k]!r} in {where}, {current[k]!r} here" for k in keys[:3]
             )
         keys = [k for k, v in current.items() if k.startswith("model.") and str(v) in words_want - words_have]
         if keys:

@@ -38,24 +38,34 @@ class SafetensorsError(ValueError):
     """A checkpoint file is missing, malformed or holds a dtype this reader does not know."""
 
 
-def _read_header(path: str) -> tuple[dict, int]:
-    """(header without __metadata__, byte offset of the data buffer)."""
+def _read_header(path: str) -> tuple[dict, int, dict]:
+    """(header without __metadata__, byte offset of the data buffer, __metadata__ or {})."""
     try:
         with open(path, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(length))
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict):
+            raise ValueError("__metadata__ is not a mapping")
     except (OSError, struct.error, ValueError) as e:
         raise SafetensorsError(f"{path}: not a readable safetensors file ({e})") from None
-    header.pop("__metadata__", None)
-    return header, 8 + length
+    return header, 8 + length, metadata
+
+
+def read_metadata(path: str) -> dict[str, str]:
+    """The `__metadata__` strings of one safetensors file ({} when it has none)."""
+    return _read_header(path)[2]
 
 
 class TensorReader:
-    """The tensors of a checkpoint directory (index + shards, or one model.safetensors)."""
+    """The tensors of a checkpoint directory (index + shards, or one model.safetensors), or of one
+    safetensors file when `directory` is a file."""
 
     def __init__(self, directory: str):
         index = os.path.join(directory, INDEX_FILE)
-        if os.path.exists(index):
+        if os.path.isfile(directory):
+            directory, files = os.path.dirname(directory), [os.path.basename(directory)]
+        elif os.path.exists(index):
             with open(index) as f:
                 weight_map = json.load(f)["weight_map"]
             files = sorted(set(weight_map.values()))
@@ -66,7 +76,7 @@ class TensorReader:
         self._where: dict[str, tuple[str, dict, int]] = {}
         for name in files:
             path = os.path.join(directory, name)
-            header, start = _read_header(path)
+            header, start, _ = _read_header(path)
             for key, info in header.items():
                 self._where[key] = (path, info, start)
 
@@ -79,12 +89,16 @@ class TensorReader:
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._where[key][1]["shape"])
 
+    def dtype(self, key: str) -> np.dtype:
+        path, info, _ = self._where[key]
+        if info["dtype"] not in DTYPES:
+            raise SafetensorsError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
+        return DTYPES[info["dtype"]]
+
     def read(self, key: str) -> np.ndarray:
         """A read-only memory-mapped view of one tensor in its stored dtype."""
         path, info, start = self._where[key]
-        if info["dtype"] not in DTYPES:
-            raise SafetensorsError(f"{path}: tensor {key} has unsupported dtype {info['dtype']}")
-        dtype = DTYPES[info["dtype"]]
+        dtype = self.dtype(key)
         begin, end = info["data_offsets"]
         shape = tuple(info["shape"])
         if end - begin != dtype.itemsize * int(np.prod(shape)):
@@ -96,8 +110,12 @@ class TensorReader:
         return np.memmap(path, dtype, "r", offset=start + begin, shape=shape)
 
 
-def _write_file(path: str, tensors: list[tuple[str, np.ndarray]]) -> None:
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
+def write_file(
+    path: str, tensors: list[tuple[str, np.ndarray]], metadata: dict[str, str] | None = None
+) -> None:
+    """One safetensors file of `tensors` (in order) with `metadata` strings (default format "pt",
+    what transformers expects), written to `path`.tmp and renamed over `path` only once complete."""
+    header, offset = {"__metadata__": {"format": "pt", **(metadata or {})}}, 0
     for key, arr in tensors:
         if arr.dtype not in CODES:
             raise SafetensorsError(f"tensor {key}: cannot store dtype {arr.dtype}")
@@ -109,11 +127,12 @@ def _write_file(path: str, tensors: list[tuple[str, np.ndarray]]) -> None:
         offset += arr.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data buffer starts 8-byte aligned
-    with open(path, "wb") as f:
+    with open(path + ".tmp", "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for _, arr in tensors:
             f.write(np.ascontiguousarray(arr).tobytes())
+    os.replace(path + ".tmp", path)
 
 
 def write_sharded(
@@ -131,7 +150,7 @@ def write_sharded(
         nonlocal pending, size
         if pending:
             name = f"shard-{len(written):05d}.tmp"
-            _write_file(os.path.join(directory, name), pending)
+            write_file(os.path.join(directory, name), pending)
             for key, _ in pending:
                 weight_map[key] = len(written)
             written.append(name)

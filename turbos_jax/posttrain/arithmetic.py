@@ -47,6 +47,11 @@ file. A split draws problems from its own random stream (seed and split name), s
 
 Determinism: `numpy.random.Generator` (PCG64) with int64 draws and SHA-256 give the same problems
 on every platform; tests pin the first problems of seed 0.
+
+`SFT_PARAMS` is the shipped SFT start of the GRPO demonstration: configs/sft_tiny.py's parameters
+after its 1,800 steps on the 800 examples of `--levels=2 --operations=add --response=answer
+--num_train=800` (46.0 % held-out greedy exact match on the 500 eval prompts), as a parameters file
+(turbos_jax/params_file.py); configs/grpo_tiny.py starts from it.
 """
 
 from __future__ import annotations
@@ -60,6 +65,9 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 
 OPERATIONS = {"add": "+", "sub": "-", "mul": "*"}
+SFT_PARAMS = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "shipped", "sft_tiny_addition.safetensors"
+)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -83,7 +83,7 @@ class CheckpointScorer:
         from turbos_jax.generate import restore_params
 
         self.fmt, self._encode = make_format(config), encode_turns
-        graphdef, self.params, _ = restore_params(ModelConfig.from_config(config.model), workdir)
+        graphdef, self.params, _ = restore_params(ModelConfig.from_config(config.model), workdir, config)
 
         def mean_logprob(params, inputs, targets, weights):
             segments = (inputs >= 0).astype(np.int32)

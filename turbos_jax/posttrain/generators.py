@@ -44,7 +44,9 @@ class CheckpointGenerator:
         from turbos_jax.generate import restore_params
 
         self.fmt = make_format(config)
-        self.graphdef, self.params, self.step = restore_params(ModelConfig.from_config(config.model), workdir)
+        self.graphdef, self.params, self.step = restore_params(
+            ModelConfig.from_config(config.model), workdir, config
+        )
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
         self.temperature, self.rng = temperature, jax.random.key(seed)
 

@@ -1,6 +1,7 @@
 """The GRPO demonstration: GRPO against two controls from one SFT checkpoint, at equal wall-clock.
 
-Three arms start from the same SFT workdir and run for the same budget of minutes:
+Three arms start from the same SFT start (a workdir or parameters file; the shipped one in
+benchmarks/grpo_demo.py and notebook 05) and run for the same budget of minutes:
 
   grpo      `turbos_jax.rl.rl` with configs/grpo_tiny.py, stage I only (one phase of math prompts);
   sft       `turbos_jax.sft.sft` with configs/sft_tiny.py continued on the same labelled examples
@@ -37,7 +38,7 @@ def arm_config(
     arm: str,
     *,
     seed: int,
-    sft_workdir: str,
+    init_from: str,
     data_dir: str,
     minutes: float,
     eval_seconds: float = 60.0,
@@ -62,7 +63,7 @@ def arm_config(
     steps = max(1, int(10 * minutes * 60 / STEP_SECONDS[arm]))  # 10x the expected count
     every = max(1, round(eval_seconds / STEP_SECONDS[arm]))
     config.seed = seed
-    config.init_from = sft_workdir
+    config.init_from = init_from
     config.total_steps = steps
     config.eval_every_steps = config.checkpoint_every_steps = every
     config.log_every_steps = max(1, min(config.log_every_steps, every))

@@ -3,8 +3,9 @@ r"""Prompt filtering (TurboS §3.5.2): keep the prompts the policy solves someti
     python -m turbos_jax.posttrain.prompt_filter --config=configs/grpo_tiny.py \
         --init_from=SFT_WORKDIR --prompts=rl_prompts.jsonl --out=filtered.jsonl --k=8
 
-1. Every prompt is sampled K times from the policy (the newest checkpoint of --init_from) at the
-   RL temperature, through the same rollout path as GRPO (rollouts.sample_groups).
+1. Every prompt is sampled K times from the policy (the newest checkpoint of --init_from, or a
+   parameters file) at the RL temperature, through the same rollout path as GRPO
+   (rollouts.sample_groups).
 2. Each response is scored by the prompt's verifier (answer checker or code sandbox) and the pass
    rate is the fraction of correct responses (Kimi k1.5 uses the same estimate of difficulty).
 3. Prompts with low < pass rate < high are written to --out (input lines unchanged, plus
@@ -102,7 +103,7 @@ def define_flags() -> None:
         return
     _FLAGS["config"] = config_flags.DEFINE_config_file("config", None, "RL config (config.rl, config.sft).")
     _FLAGS["init_from"] = flags.DEFINE_string(
-        "init_from", None, "Workdir of the policy (default config.init_from)."
+        "init_from", None, "Workdir or parameters file of the policy (default config.init_from)."
     )
     _FLAGS["prompts"] = flags.DEFINE_string("prompts", None, "JSONL prompts to filter.")
     _FLAGS["kind"] = flags.DEFINE_enum("kind", "answer", ["answer", "code"], "How the prompts are verified.")
@@ -130,7 +131,7 @@ def filter_prompts(
     """The command: steps 1-3 of the module docstring with the policy of `init_from`; -> rates."""
     import os
 
-    from turbos_jax import checkpointing, sharding
+    from turbos_jax import params_file, sharding
     from turbos_jax.config import ModelConfig
     from turbos_jax.data.sft import make_format
     from turbos_jax.posttrain import grpo, grpo_config
@@ -146,12 +147,12 @@ def filter_prompts(
     program = grpo.build_rl_program(config, model_cfg, mesh, 1)
     with jax.set_mesh(mesh):
         abstract = sharding.sharded_abstract(program.setup.abstract_state, mesh)
-        source = os.path.join(os.path.abspath(os.path.expanduser(init_from)), "checkpoints")
-        step, restored = checkpointing.restore_for_init(source, abstract, params_only=True)
+        source = os.path.abspath(os.path.expanduser(init_from))
+        step, policy = params_file.init_params(source, abstract, config)
         print(f"policy: {init_from} checkpoint step {step}; {len(records)} prompts x {k} samples", flush=True)
         rates, failures = pass_rates(
             program.setup.graphdef,
-            restored["params"],
+            policy,
             records,
             text=grpo.sft_text(fmt),
             k=k,
