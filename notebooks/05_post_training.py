@@ -36,10 +36,10 @@
 # SFT depends on float rounding: the same 1,800 steps reach 46 % with two XLA threads and 9.6 % with
 # one (docs/post_training.md, "The demonstration"). Full run (`TURBOS_NOTEBOOK_SMOKE` unset): 450
 # SFT steps, then 4 minutes per arm, one seed; benchmarks/grpo_demo.py runs the same arms for 12
-# minutes over three seeds. An earlier version of this notebook (the full 1,800 SFT steps, then the
-# same arms), measured on the project's shared 2-core CPU VM (jax 0.10.2, 2026-11-26), took
-# 18 min 19 s: SFT reached 46.0 %, and after 4 minutes per arm GRPO stood at 60.8 %, continued SFT
-# at 47.4 % and GRPO with shuffled rewards at 26.2 % (one seed).
+# minutes over three seeds. Measured on the project's shared CPU VM pinned to one core (jax 0.10.2,
+# 2026-11-26): 13 min 35 s in all; the 450 SFT steps took 74 s and reached 9.0 % (one XLA thread;
+# the two-thread calibration stood at 21 % there); from the shipped 46.0 %, after 4 minutes per arm
+# GRPO stood at 63.8 %, continued SFT at 50.2 % and GRPO with shuffled rewards at 26.8 % (one seed).
 # `TURBOS_NOTEBOOK_SMOKE=1` (set by the tests) runs 6 SFT steps and a few steps per arm with small
 # evaluations: the mechanics, not learning.
 
@@ -119,8 +119,8 @@ for split, path in paths.items():
 # response tokens and the `"\n"` stop byte only; at step 0 and every `eval_every_steps` it decodes
 # `config.sft.eval_prompts` held-out prompts greedily and logs the fraction answered exactly
 # (`eval_exact_match`). `on_log(step, row)` sees each row written to `metrics.jsonl`. The run stops
-# after 450 steps (about 2 minutes), still on the config's 1,800-step schedule: the documented run
-# stood at 21 % there and plateaus at 46 % (`configs/sft_tiny.py`).
+# after 450 steps (one to two minutes), still on the config's 1,800-step schedule: the documented
+# run stood at 21 % there and plateaus at 46 % (`configs/sft_tiny.py`).
 
 # %%
 config = sft_tiny.get_config()

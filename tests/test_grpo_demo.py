@@ -97,7 +97,7 @@ def test_the_shipped_sft_start_scores_what_the_docs_say(tmp_path):
     from turbos_jax.config import ModelConfig
     from turbos_jax.data.sft import make_format, read_examples
     from turbos_jax.generate import restore_params
-    from turbos_jax.posttrain.evaluation import exact_match
+    from turbos_jax.posttrain.evaluation import examples_exact_match
 
     files = arithmetic.write_task_files(
         str(tmp_path),
@@ -116,14 +116,7 @@ def test_the_shipped_sft_start_scores_what_the_docs_say(tmp_path):
     )
     assert step == 1800
     examples = read_examples(files["eval"], fmt, key="eval_file")
-    result = exact_match(
-        graphdef,
-        params,
-        [e.prompt_ids for e in examples],
-        [e.reference for e in examples],
-        tokenizer=fmt.tokenizer,
-        stop_id=fmt.stop_id,
-        max_new_tokens=config.sft.max_new_tokens,
-        batch_size=250,
+    result = examples_exact_match(
+        graphdef, params, examples, fmt, max_new_tokens=config.sft.max_new_tokens, batch_size=250
     )
     assert len(examples) == 500 and 0.44 <= result.accuracy <= 0.48, result.accuracy

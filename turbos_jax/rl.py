@@ -32,7 +32,7 @@ from turbos_jax.config import check_train_config
 from turbos_jax.data import DataError
 from turbos_jax.data.sft import make_format, read_examples
 from turbos_jax.posttrain import grpo, grpo_config
-from turbos_jax.posttrain.evaluation import exact_match
+from turbos_jax.posttrain.evaluation import examples_exact_match
 from turbos_jax.posttrain.prompts import PromptError, PromptStream, check_prompt_lengths, load_records
 from turbos_jax.step import TrainProgram
 
@@ -115,13 +115,11 @@ def rl(config, workdir: str, *, on_log: Callable[[int, dict], None] | None = Non
     def evaluate(params):
         if not eval_examples:
             return {}
-        result = exact_match(
+        result = examples_exact_match(
             program.setup.graphdef,
             params,
-            [e.prompt_ids for e in eval_examples],
-            [e.reference for e in eval_examples],
-            tokenizer=fmt.tokenizer,
-            stop_id=fmt.stop_id,
+            eval_examples,
+            fmt,
             max_new_tokens=rl_cfg.max_new_tokens,
             batch_size=config.sft.eval_batch_size,
             mesh=run.mesh,

@@ -22,7 +22,7 @@ from turbos_jax import training_loop as loop
 from turbos_jax.config import ConfigError, check_train_config
 from turbos_jax.data import DataError
 from turbos_jax.data.sft import make_format, make_sft_eval_batches, make_sft_train_iterator, read_examples
-from turbos_jax.posttrain.evaluation import exact_match
+from turbos_jax.posttrain.evaluation import examples_exact_match
 
 _STR_KEYS = (
     "train_file",
@@ -85,13 +85,11 @@ def sft(config, workdir: str, *, on_log: Callable[[int, dict], None] | None = No
             "eval_loss": loop.mean_eval_loss(run, params, iter(eval_batches), to_global, len(eval_batches))
         }
         if match_set:
-            result = exact_match(
+            result = examples_exact_match(
                 run.program.setup.graphdef,
                 params,
-                [e.prompt_ids for e in match_set],
-                [e.reference for e in match_set],
-                tokenizer=fmt.tokenizer,
-                stop_id=fmt.stop_id,
+                match_set,
+                fmt,
                 max_new_tokens=config.sft.max_new_tokens,
                 batch_size=config.sft.eval_batch_size,
                 mesh=run.mesh,

@@ -117,3 +117,21 @@ def exact_match(
     accuracy = float(np.mean(correct)) if correct else float("nan")
     mean_tokens = float(np.mean([len(c) for c in continuations])) if continuations else float("nan")
     return ExactMatch(accuracy, responses, correct, mean_tokens)
+
+
+def examples_exact_match(
+    graphdef, params, examples: Sequence, fmt, *, max_new_tokens: int, batch_size: int, mesh=None
+) -> ExactMatch:
+    """`exact_match` of SFT records (`data.sft.read_examples`: `.prompt_ids`, `.reference`) in the
+    tokenizer and stop token of their format `fmt` (`data.sft.make_format`)."""
+    return exact_match(
+        graphdef,
+        params,
+        [e.prompt_ids for e in examples],
+        [e.reference for e in examples],
+        tokenizer=fmt.tokenizer,
+        stop_id=fmt.stop_id,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        mesh=mesh,
+    )
