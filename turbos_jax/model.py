@@ -261,7 +261,21 @@ class TurbosModel(nnx.Module):
     # leaves stacked with a leading `repeats` axis], "suffix": [per layer]}; MoE layers hold {}.
     # Layers run in the order of the forward pass; the period is always scanned. Parameters may be
     # int8 QTensors (generation/quantize.py): each layer is dequantised right before it runs.
-    def _generation_layers(self, step, x, layer_caches):
+    def period_layers(self):
+        """The scanned period's layers as `repeats` lists of Blocks, each with its own slice of the
+        stacked parameters (dequantised): sliced once, e.g. before a decode loop."""
+        from turbos_jax.generation.quantize import dequantize
+
+        out = []
+        for r in range(self.cfg.layout_split.repeats):
+            row = []
+            for blk in self.period:
+                gd, st = nnx.split(blk)
+                row.append(nnx.merge(gd, dequantize(jax.tree.map(lambda a, r=r: a[r], st))))
+            out.append(row)
+        return out
+
+    def _generation_layers(self, step, x, layer_caches, period_layers=None):
         """Runs every layer: step(block, x, cache, layer) -> (x, cache). Returns (x, new layer
         caches, LM head).
 
@@ -297,6 +311,12 @@ class TurbosModel(nnx.Module):
                 return x, new
 
             x, out["period"] = jax.lax.scan(build, x, states, length=repeats)
+        elif period_layers is not None:
+            caches = list(layer_caches["period"])
+            for r, row in enumerate(period_layers):
+                for j, blk in enumerate(row):
+                    x, caches[j] = step(blk, x, caches[j], r)
+            out["period"] = caches
         else:
 
             def update(carry, inp):
@@ -377,12 +397,14 @@ class TurbosModel(nnx.Module):
             return per_chunk.swapaxes(0, 1).reshape(b, n * chunk, -1)[:, :l], cache
         return logits, cache
 
-    def decode_step(self, tokens: jax.Array, cache: dict):
+    def decode_step(self, tokens: jax.Array, cache: dict, period_layers=None):
         """tokens (B,) int32, the next token of each sequence -> (logits (B, V), cache advanced by
         one token). The token is placed at position cache["lengths"] of its sequence."""
         positions = cache["lengths"]
         step = lambda blk, x, c, r: blk.decode(x, c, positions, r)
-        x, layers, lm_head = self._generation_layers(step, self.embed(tokens[:, None]), cache["layers"])
+        x, layers, lm_head = self._generation_layers(
+            step, self.embed(tokens[:, None]), cache["layers"], period_layers
+        )
         logits = lm_head(self.final_norm(x))[:, 0]
         return logits, {"layers": layers, "lengths": positions + 1}
 
