@@ -275,6 +275,13 @@ class TurbosModel(nnx.Module):
             out.append(row)
         return out
 
+    def unstack_period_cache(self, cache: dict) -> dict:
+        """A cache whose period part is `repeats` lists of per-layer caches (the layout
+        `decode_step(..., period_layers)` reads and returns) instead of stacks."""
+        repeats = self.cfg.layout_split.repeats
+        period = [[jax.tree.map(lambda a, r=r: a[r], c) for c in cache["layers"]["period"]] for r in range(repeats)]
+        return {"layers": cache["layers"] | {"period": period}, "lengths": cache["lengths"]}
+
     def _generation_layers(self, step, x, layer_caches, period_layers=None):
         """Runs every layer: step(block, x, cache, layer) -> (x, cache). Returns (x, new layer
         caches, LM head).
@@ -311,12 +318,13 @@ class TurbosModel(nnx.Module):
                 return x, new
 
             x, out["period"] = jax.lax.scan(build, x, states, length=repeats)
-        elif period_layers is not None:
-            caches = list(layer_caches["period"])
-            for r, row in enumerate(period_layers):
-                for j, blk in enumerate(row):
-                    x, caches[j] = step(blk, x, caches[j], r)
-            out["period"] = caches
+        elif period_layers is not None:  # unrolled, caches per layer: [repeats][period position]
+            for row, row_caches in zip(period_layers, layer_caches["period"], strict=True):
+                new = []
+                for blk, c in zip(row, row_caches, strict=True):
+                    x, c = step(blk, x, c, None)
+                    new.append(c)
+                out["period"].append(new)
         else:
 
             def update(carry, inp):

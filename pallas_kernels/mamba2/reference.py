@@ -253,13 +253,15 @@ def state_update(
         raise ValueError(f"bad shapes: state {state.shape} x {x.shape} dt {dt.shape} B {B.shape}")
     r = h // g
     dtp = process_dt(dt, dt_bias, dt_softplus, dt_limit)  # (b, h)
-    decay = jnp.exp(dtp * A.astype(F32)).reshape(b, g, r)
-    dtx = (x.astype(F32) * dtp[..., None]).reshape(b, g, r, p)
-    s = state.astype(F32).reshape(b, g, r, p, n)
-    new = decay[..., None, None] * s + dtx[..., None] * B.astype(F32)[:, :, None, None, :]
+    decay = jnp.exp(dtp * A.astype(F32))  # (b, h)
+    dtx = x.astype(F32) * dtp[..., None]  # (b, h, p)
+    bh, ch = (jnp.repeat(u.astype(F32), r, axis=1) for u in (B, C))  # (b, h, n): head i, group i // r
+    # Every array at the state's own (b, h, p, n) shape, no reshape of it: XLA can then write the
+    # new state over the old one (a while loop's carried state is updated in place, not copied).
+    new = decay[..., None, None] * state.astype(F32) + dtx[..., None] * bh[:, :, None, :]
     # y = C . new as a multiply and a sum over N rather than a dot: XLA:CPU fuses the state update
     # into the dot's operand and then runs a slow loop (batch 64 x 16 heads x 64 x 64: 14 ms
     # against 2.8 ms; benchmarks/RESULTS.md, "Rollout throughput"); same fp32 products and sums.
-    y = jnp.sum(new * C.astype(F32)[:, :, None, None, :], axis=-1).reshape(b, h, p)
+    y = jnp.sum(new * ch[:, :, None, :], axis=-1)
     y = skip_and_gate(y, x, D, z)
-    return y.astype(x.dtype), new.reshape(b, h, p, n).astype(state.dtype)
+    return y.astype(x.dtype), new.astype(state.dtype)

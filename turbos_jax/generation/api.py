@@ -69,7 +69,9 @@ def _generate(
     # XLA:CPU copies every parameter a scan slices out of the period's stacks, every step (the
     # small config: ~270 MB per step, a third of its time): slice them once here and unroll the
     # period in the step instead (an extra copy of the period's parameters for the call).
-    layers = model.period_layers() if jax.default_backend() == "cpu" else None
+    layers = None
+    if jax.default_backend() == "cpu":
+        layers, cache = model.period_layers(), model.unstack_period_cache(cache)
 
     def cond(carry):
         i, _, done, *_ = carry
