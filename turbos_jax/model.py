@@ -145,19 +145,12 @@ class Block(nnx.Module):
 
 def _own_cache(cache, layer):
     """A layer's cache: itself, or its slice `layer` of the stacked period caches."""
-    take = lambda a: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False)
-    return cache if layer is None else jax.tree.map(take, cache)
+    return cache if layer is None else jax.tree.map(lambda a: a[layer], cache)
 
 
 def _put_cache(cache, new, layer):
-    """Inverse of `_own_cache`: the new layer cache, written back into the stack at `layer`.
-
-    A plain dynamic-update-slice (index clamped), which XLA does in place on the scan's carried
-    stack. `a.at[layer].set(n)` is a scatter that drops out-of-range updates; XLA lowers it to
-    select(in range, update, a), which needs the old stack intact, so it copied every Mamba2
-    stack twice per layer and decode step (small config: ~400 MB per step)."""
-    put = lambda a, n: jax.lax.dynamic_update_index_in_dim(a, n.astype(a.dtype), layer, 0)
-    return new if layer is None else jax.tree.map(put, cache, new)
+    """Inverse of `_own_cache`: the new layer cache, written back into the stack at `layer`."""
+    return new if layer is None else jax.tree.map(lambda a, n: a.at[layer].set(n), cache, new)
 
 
 def _stacked_block(symbol: str, repeats: int, cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
@@ -259,11 +252,14 @@ class TurbosModel(nnx.Module):
     # ------------------------------------------------------------------ generation
     # Caches follow the parameter structure: {"prefix": [per layer], "period": [per period position,
     # leaves stacked with a leading `repeats` axis], "suffix": [per layer]}; MoE layers hold {}.
-    # Layers run in the order of the forward pass; the period is always scanned. Parameters may be
-    # int8 QTensors (generation/quantize.py): each layer is dequantised right before it runs.
+    # Layers run in the order of the forward pass; the period is scanned, except in a decode step
+    # given `period_layers` (the period unrolled over layers sliced beforehand, with the caches of
+    # `unstack_period_cache`). Parameters may be int8 QTensors (generation/quantize.py): each layer
+    # is dequantised right before it runs.
     def period_layers(self):
         """The scanned period's layers as `repeats` lists of Blocks, each with its own slice of the
-        stacked parameters (dequantised): sliced once, e.g. before a decode loop."""
+        stacked parameters (dequantised): sliced once, before a decode loop, so the steps do not
+        slice them again (see `generation.api`)."""
         from turbos_jax.generation.quantize import dequantize
 
         out = []
@@ -279,7 +275,8 @@ class TurbosModel(nnx.Module):
         """A cache whose period part is `repeats` lists of per-layer caches (the layout
         `decode_step(..., period_layers)` reads and returns) instead of stacks."""
         repeats = self.cfg.layout_split.repeats
-        period = [[jax.tree.map(lambda a, r=r: a[r], c) for c in cache["layers"]["period"]] for r in range(repeats)]
+        stacks = cache["layers"]["period"]
+        period = [[jax.tree.map(lambda a, r=r: a[r], c) for c in stacks] for r in range(repeats)]
         return {"layers": cache["layers"] | {"period": period}, "lengths": cache["lengths"]}
 
     def _generation_layers(self, step, x, layer_caches, period_layers=None):
@@ -287,10 +284,11 @@ class TurbosModel(nnx.Module):
         caches, LM head).
 
         Prefill (layer_caches None): each layer builds its cache (called with cache = layer = None)
-        and the scan stacks the period's. Otherwise the caches are updated in place: the period's
-        stacks are the scan's carry and each period layer gets the whole stack and its index
-        `layer` (slicing a layer's KV cache out and stacking it back would copy all max_len slots
-        every step)."""
+        and the scan stacks the period's. With `period_layers` (and period caches per layer) the
+        period runs unrolled, each layer on its own cache. Otherwise the caches are updated in
+        place: the period's stacks are the scan's carry and each period layer gets the whole stack
+        and its index `layer` (slicing a layer's KV cache out and stacking it back would copy all
+        max_len slots every step)."""
         from turbos_jax.generation.quantize import dequantize
 
         def live(module):
@@ -407,7 +405,9 @@ class TurbosModel(nnx.Module):
 
     def decode_step(self, tokens: jax.Array, cache: dict, period_layers=None):
         """tokens (B,) int32, the next token of each sequence -> (logits (B, V), cache advanced by
-        one token). The token is placed at position cache["lengths"] of its sequence."""
+        one token). The token is placed at position cache["lengths"] of its sequence. With
+        `period_layers` (from `period_layers()`) the cache's period part is per layer
+        (`unstack_period_cache`) and the period runs unrolled; same result."""
         positions = cache["lengths"]
         step = lambda blk, x, c, r: blk.decode(x, c, positions, r)
         x, layers, lm_head = self._generation_layers(
