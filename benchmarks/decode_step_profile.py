@@ -1,26 +1,30 @@
-"""Where one rollout decode step spends its time: the jitted pieces of `sample_groups`' loop body.
+"""Where one rollout decode step spends its time: `sample_groups`' loop body, piece by piece.
 
     taskset -c 1 python benchmarks/decode_step_profile.py --config=configs/small.py
     python benchmarks/decode_step_profile.py --smoke      # tiny sizes: checks the script (CI)
 
-The model of --config in fp32, dropless, fp32 Mamba2 state and K/V cache (as the rollout benchmark
-runs it), a cache prefilled with --batch random prompts of --prompt_len tokens and room for
---new_tokens more. Each row is one jitted function, its cache arguments donated and fed back, so a
-call does what the decode loop's body does; the median of --calls calls after a warm-up:
+Setting (as benchmarks/rollout_throughput.py runs the model): --config's model in fp32, dropless,
+fp32 Mamba2 state and K/V cache; a cache prefilled with --batch random prompts of --prompt_len
+tokens, room for --new_tokens more. Every row is one jitted function, its cache donated and fed
+back call after call; the median of --calls calls after a warm-up call:
 
-  1. the whole loop body (`generation.api` step: decode_step, sample, log-prob, write the outputs);
-  2. `TurbosModel.decode_step` alone;
-  3. its parts: the embedding lookup, one layer of each kind (A, M, F, at index 0 of the scanned
-     period, reading and writing its slice of the stacked cache), final norm + LM head;
-  4. sampling and the sampled token's log-prob, on (batch, vocab) logits.
-Rows 3-4 times their layer counts are printed next to row 1, with what is left (scan, loop, copies).
-The loop body's HLO is also searched for `copy` ops on buffers of at least 1 MiB (a cache copied
-every step would show there).
+  1. the loop body as `generation.api` runs it on CPU (period layers sliced before the loop,
+     per-layer caches, unrolled period) and, for comparison, with the period scanned over its
+     stacked parameters and caches (what it ran before, and still runs on accelerators);
+  2. the cost of each layer kind in the loop body: row 1 minus the same body with that kind's
+     layers replaced by the identity (parameters and caches untouched), so fusion with the
+     neighbours and cache effects are counted as they happen in the real step; "no layers" is the
+     rest: embedding, final norm, LM head, sampling, log-prob;
+  3. sampling alone on (batch, vocab) logits: the inverse-CDF `categorical` the sampler uses, and
+     `jax.random.categorical` (Gumbel-max over threefry bits) it replaced.
+The loop body's optimised HLO is searched for `copy` ops of at least 1 MiB (a cache or a parameter
+copied every step would show there).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import platform
@@ -41,33 +45,31 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--prompt_len", type=int, default=64)
     p.add_argument("--new_tokens", type=int, default=256)
-    p.add_argument("--calls", type=int, default=20, help="timed calls per row (median reported)")
-    p.add_argument("--smoke", action="store_true", help="tiny config, batch 4, 3 calls (CI)")
+    p.add_argument("--calls", type=int, default=10, help="timed calls per row (median reported)")
+    p.add_argument("--smoke", action="store_true", help="tiny config, batch 4, 2 calls (CI)")
     args = p.parse_args(argv)
     if args.smoke:
-        args.config, args.batch, args.prompt_len, args.new_tokens, args.calls = "configs/tiny.py", 4, 8, 8, 3
+        args.config, args.batch, args.prompt_len, args.new_tokens, args.calls = "configs/tiny.py", 4, 8, 8, 2
     return args
 
 
-def median_ms(fn, state, calls, thread=True):
-    """Median ms of `calls` calls fn(state), after a warm-up (compile). With `thread`, fn returns
-    the next state (its donated buffers feed the next call); returns (ms, last state)."""
+def median_ms(fn, state, calls):
+    """fn(state) -> state (donated buffers fed back): median ms of `calls` calls after a warm-up."""
     import jax
 
     times = []
-    for i in range(calls + 1):
+    for _ in range(calls + 1):
         start = time.perf_counter()
-        out = jax.block_until_ready(fn(state))
+        state = jax.block_until_ready(fn(state))
         times.append(time.perf_counter() - start)
-        state = out if thread else state
     return 1e3 * statistics.median(times[1:]), state
 
 
 def big_copies(hlo_text: str, min_bytes: int = 1 << 20) -> list[str]:
-    """`copy` instructions whose result holds at least min_bytes (f32/s32/bf16 shapes)."""
-    sizes = {"f32": 4, "s32": 4, "bf16": 2, "u32": 4}
+    """Shapes of the `copy` instructions whose result holds at least min_bytes."""
+    sizes = {"f32": 4, "s32": 4, "u32": 4, "bf16": 2}
     out = []
-    for m in re.finditer(r"= (f32|s32|bf16|u32)\[([\d,]*)\][^ ]* copy\(", hlo_text):
+    for m in re.finditer(r"= (f32|s32|u32|bf16)\[([\d,]*)\]\S* copy\(", hlo_text):
         n = 1
         for d in filter(None, m.group(2).split(",")):
             n *= int(d)
@@ -76,92 +78,103 @@ def big_copies(hlo_text: str, min_bytes: int = 1 << 20) -> list[str]:
     return out
 
 
+@contextlib.contextmanager
+def skipped(symbols: str):
+    """Layers whose symbol is in `symbols` decode as the identity (x and cache unchanged)."""
+    from turbos_jax.model import Block
+
+    decode = Block.decode
+
+    def identity_or_decode(self, x, cache, positions, layer=None):
+        if self.symbol in symbols:
+            return x, cache
+        return decode(self, x, cache, positions, layer)
+
+    Block.decode = identity_or_decode
+    try:
+        yield
+    finally:
+        Block.decode = decode
+
+
 def main(argv=None):
     args = parse_args(argv)
     import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
-
     from rollout_throughput import load_model_config  # benchmarks/ on sys.path
+
     from turbos_jax.generation import api
-    from turbos_jax.generation.sampling import SamplingParams, sample
+    from turbos_jax.generation.sampling import SamplingParams, categorical, sample
     from turbos_jax.model import init_model
 
     f32 = jnp.float32
     cfg = dataclasses.replace(load_model_config(args.config), dtype=f32, capacity_factor=0.0)
     graphdef, params = init_model(cfg, seed=0)
     gdef = api.generation_graphdef(graphdef, params, ssm_state_dtype=f32, kv_cache_dtype=f32)
-    model = lambda p: nnx.merge(gdef, p)
     b, lp, n_new = args.batch, args.prompt_len, args.new_tokens
     rng = np.random.default_rng(0)
     prompts = jnp.asarray(rng.integers(0, cfg.vocab_size, (b, lp)), jnp.int32)
     lengths = jnp.full((b,), lp, jnp.int32)
-    _, cache = jax.jit(lambda p, t, n: model(p).prefill(t, n, lp + n_new))(params, prompts, lengths)
+    prefill = jax.jit(lambda p: nnx.merge(gdef, p).prefill(prompts, lengths, lp + n_new)[1])
+    layers = jax.jit(lambda p: nnx.merge(gdef, p).period_layers())(params)
+    unstack = jax.jit(lambda p, c: nnx.merge(gdef, p).unstack_period_cache(c))
     sampling = SamplingParams(temperature=1.0)
     key = jax.random.key(0)
-    toks = prompts[:, -1]
+
+    def time_body(unrolled: bool):
+        def body(p, layers, state):  # api._generate's loop body, outputs written at step i
+            i, out, logps, last, cache = state
+            logits, cache = nnx.merge(gdef, p).decode_step(last, cache, layers)
+            tok = sample(logits, jax.random.fold_in(key, i), sampling)
+            logp = api._token_logprob(logits, tok, sampling)
+            return i + 1, out.at[:, i].set(tok), logps.at[:, i].set(logp), tok, cache
+
+        cache = prefill(params)
+        cache = unstack(params, cache) if unrolled else cache
+        state = (
+            jnp.int32(1),
+            jnp.zeros((b, n_new), jnp.int32),
+            jnp.zeros((b, n_new), f32),
+            prompts[:, 0],
+            cache,
+        )
+        step = jax.jit(body, donate_argnums=2)  # traced anew: `skipped` applies
+        lay = layers if unrolled else None
+        ms, state = median_ms(lambda s: step(params, lay, s), state, args.calls)
+        return ms, step.lower(params, lay, state).compile().as_text()
+
     rows = {}
+    rows["loop body, CPU path (period unrolled, sliced once)"], hlo = time_body(True)
+    rows["loop body, period scanned (stacked parameters and caches)"], _ = time_body(False)
+    total = rows["loop body, CPU path (period unrolled, sliced once)"]
+    counts = {s: cfg.layout.count(s) for s in "AMFD" if s in cfg.layout}
+    for symbol, n in counts.items():
+        with skipped(symbol):
+            ms, _ = time_body(True)
+        rows[f"{symbol} layers (x {n}), in the body"] = total - ms
+    with skipped("AMFD"):
+        rows["no layers: embedding, norm, LM head, sampling, log-prob"], _ = time_body(True)
+    logits = jnp.asarray(rng.normal(size=(b, cfg.padded_vocab)) * 2.0, f32)
+    for name, fn in [
+        ("sampling alone: inverse-CDF `categorical` (used)", categorical),
+        ("sampling alone: `jax.random.categorical` (Gumbel, before)", jax.random.categorical),
+    ]:
+        draw = jax.jit(lambda k, fn=fn: fn(k, logits))
+        rows[name], _ = median_ms(lambda s, draw=draw: (draw(s[1]), s[1]), (None, key), args.calls)
 
-    def timed(name, fn, state, *consts, donate=True):
-        """Row `name`: fn(*consts, state) -> state, state donated when `donate`."""
-        jitted = jax.jit(fn, donate_argnums=len(consts) if donate else ())
-        rows[name], state = median_ms(lambda s: jitted(*consts, s), state, args.calls, thread=donate)
-        return jitted, state
-
-    # 1. The loop body, as api._generate runs it (outputs written at step i).
-    def body(p, state):
-        i, out, logps, last, cache = state
-        logits, cache = model(p).decode_step(last, cache)
-        tok = sample(logits, jax.random.fold_in(key, i), sampling)
-        logp = api._token_logprob(logits, tok, sampling)
-        return i + 1, out.at[:, i].set(tok), logps.at[:, i].set(logp), tok, cache
-
-    state = (jnp.int32(1), jnp.zeros((b, n_new), jnp.int32), jnp.zeros((b, n_new), f32), toks + 0, cache)
-    body_jit, state = timed("loop body: decode_step + sample + log-prob", body, state, params)
-    hlo = body_jit.lower(params, state).compile().as_text()
-    cache = state[-1]
-
-    # 2. decode_step alone.
-    _, cache = timed("decode_step", lambda p, c: model(p).decode_step(toks, c)[1], cache, params)
-
-    # 3. Its parts.
-    timed("embedding lookup", lambda p, t: model(p).embed(t[:, None]), toks, params, donate=False)
-    counts = {s: cfg.layout.count(s) for s in "AMFD"}
-    x = jnp.asarray(rng.normal(size=(b, 1, cfg.d_model)), f32)
-    positions = cache["lengths"]
-    for j, symbol in enumerate(cfg.layout_split.period):
-        name = f"one {symbol} layer (x {counts[symbol]})"
-        if name in rows:
-            continue
-        gd, st = nnx.split(model(params).period[j])
-        st0 = jax.tree.map(lambda a: a[0], st)
-
-        def layer(st0, state, gd=gd):  # (x, cache) -> (y, cache): y feeds the next call
-            return nnx.merge(gd, st0).decode(*state, positions, jnp.int32(0))
-
-        timed(name, layer, (x + 0, cache["layers"]["period"][j]), st0)
-    timed("final norm + LM head", lambda p, h: model(p)._head()(model(p).final_norm(h)), x, params, donate=False)
-    logits = jnp.asarray(rng.normal(size=(b, cfg.padded_vocab)), f32)
-    timed("sample (categorical, T = 1)", lambda lg, k: sample(lg, k, sampling), key, logits, donate=False)
-    timed("sampled token's log-prob", lambda lg, t: api._token_logprob(lg, t, sampling), toks, logits, donate=False)
-
-    # Report.
-    total = rows["loop body: decode_step + sample + log-prob"]
-    mult = lambda name: int(m.group(1)) if (m := re.search(r"\(x (\d+)\)", name)) else 1
-    first_part = list(rows).index("embedding lookup")
-    parts = sum(mult(k) * v for k, v in list(rows.items())[first_part:])
     print(
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}; "
-        f"config {args.config}, batch {b}, cache {lp} + {n_new} slots (prefilled {lp}), fp32\n"
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"jax {jax.__version__}; config {args.config}, batch {b}, cache {lp} + {n_new} slots, fp32\n"
     )
-    print("| piece | ms per call | ms per step (x layers) | share of the loop body |")
-    print("| --- | ---: | ---: | ---: |")
+    print("| piece | ms per step | share of the CPU loop body |")
+    print("| --- | ---: | ---: |")
     for name, ms in rows.items():
-        print(f"| {name} | {ms:.2f} | {mult(name) * ms:.2f} | {100 * mult(name) * ms / total:.0f} % |")
-    print(f"| sum of the parts (embedding .. log-prob) | | {parts:.2f} | {100 * parts / total:.0f} % |")
+        print(f"| {name} | {ms:.2f} | {100 * ms / total:.0f} % |")
     copies = big_copies(hlo)
-    print(f"\nloop body HLO: {len(copies)} copy ops of >= 1 MiB" + (f": {', '.join(copies)}" if copies else ""))
+    listed = f": {', '.join(copies)}" if copies else ""
+    print(f"\nCPU loop body HLO: {len(copies)} copy ops of >= 1 MiB{listed}")
 
 
 if __name__ == "__main__":

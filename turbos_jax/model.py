@@ -258,16 +258,14 @@ class TurbosModel(nnx.Module):
     # is dequantised right before it runs.
     def period_layers(self):
         """The scanned period's layers as `repeats` lists of Blocks, each with its own slice of the
-        stacked parameters (dequantised): sliced once, before a decode loop, so the steps do not
-        slice them again (see `generation.api`)."""
-        from turbos_jax.generation.quantize import dequantize
-
+        stacked parameters (int8 ones stay int8: dequantised in the step): sliced once, before a
+        decode loop, so the steps do not slice them again (see `generation.api`)."""
         out = []
         for r in range(self.cfg.layout_split.repeats):
             row = []
             for blk in self.period:
                 gd, st = nnx.split(blk)
-                row.append(nnx.merge(gd, dequantize(jax.tree.map(lambda a, r=r: a[r], st))))
+                row.append(nnx.merge(gd, jax.tree.map(lambda a, r=r: a[r], st)))
             out.append(row)
         return out
 
@@ -320,7 +318,7 @@ class TurbosModel(nnx.Module):
             for row, row_caches in zip(period_layers, layer_caches["period"], strict=True):
                 new = []
                 for blk, c in zip(row, row_caches, strict=True):
-                    x, c = step(blk, x, c, None)
+                    x, c = step(live(blk), x, c, None)
                     new.append(c)
                 out["period"].append(new)
         else:
