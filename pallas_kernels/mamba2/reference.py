@@ -257,11 +257,12 @@ def state_update(
     dtx = x.astype(F32) * dtp[..., None]  # (b, h, p)
     bh, ch = (jnp.repeat(u.astype(F32), r, axis=1) for u in (B, C))  # (b, h, n): head i, group i // r
     # Every array at the state's own (b, h, p, n) shape, no reshape of it: XLA can then write the
-    # new state over the old one (a while loop's carried state is updated in place, not copied).
+    # new state over the old one (a while loop's carried state is updated in place, not copied),
+    # and the readout y = C . new is a dot batched over the leading (b, h) that reads that new
+    # state. With (b, g, r, ...) views XLA:CPU copied the state every step and fused the update
+    # into the readout dot's operand, a slow loop (an M layer's decode at batch 64, small config:
+    # 38.7 ms before, 2.9 ms now; benchmarks/RESULTS.md, "Rollout throughput").
     new = decay[..., None, None] * state.astype(F32) + dtx[..., None] * bh[:, :, None, :]
-    # y = C . new as a multiply and a sum over N rather than a dot: XLA:CPU fuses the state update
-    # into the dot's operand and then runs a slow loop (batch 64 x 16 heads x 64 x 64: 14 ms
-    # against 2.8 ms; benchmarks/RESULTS.md, "Rollout throughput"); same fp32 products and sums.
-    y = jnp.sum(new * ch[:, :, None, :], axis=-1)
+    y = _einsum("bhpn,bhn->bhp", new, ch)
     y = skip_and_gate(y, x, D, z)
     return y.astype(x.dtype), new.astype(state.dtype)
