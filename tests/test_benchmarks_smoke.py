@@ -145,3 +145,19 @@ def test_rollout_throughput_smoke(impls):
     assert len(rows) == len(impls.split(",")) and all(float(r[5].replace(",", "")) > 0 for r in rows)
     if "torch" in impls:
         assert re.fullmatch(r"turbos-jax / PyTorch: \d+\.\d\dx", proc.stdout.strip().splitlines()[-1])
+
+
+def test_decode_step_profile_smoke():
+    """benchmarks/decode_step_profile.py --smoke (tiny config, batch 4): every row of its table
+    with a number, the layer kinds of the tiny layout among them, and the HLO copy line."""
+    env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+    script = os.path.join(ROOT, "benchmarks", "decode_step_profile.py")
+    proc = subprocess.run(
+        [sys.executable, script, "--smoke"], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [r for r in proc.stdout.splitlines() if r.startswith("| ") and not r.startswith("| ---")]
+    rows = {r.split("|")[1].strip(): r.split("|")[2] for r in lines[1:]}  # after the header
+    assert len(rows) == 8 and all(float(v) == float(v) for v in rows.values())  # numbers, not NaN
+    assert {k.split()[0] for k in rows if "layers (x" in k} == {"A", "M", "F"}
+    assert re.search(r"CPU loop body HLO: \d+ copy ops", proc.stdout)

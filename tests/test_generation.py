@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import assert_close, max_rel_err
 
 from configs import tiny, turbos_mini
 from turbos_jax.config import ModelConfig
@@ -91,6 +92,30 @@ def test_prefill_decode_match_forward_and_bf16_state_drift(setup):
     # and stays bounded: under 1 % of the largest logit after 200 steps.
     assert np.isfinite(dec16).all()
     assert dec.max() < dec16.max() < 0.01 * top
+
+
+def test_unrolled_decode_step_matches_scanned(setup):
+    """decode_step with `period_layers` (the period unrolled over layers sliced once, per-layer
+    caches: the CPU generate loop) equals the scanned step over 3 steps, logits and caches.
+    Negative control: the period's two repeats swapped must differ."""
+    graphdef, params, full, _ = setup
+    model = nnx.merge(generation_graphdef(graphdef, params), params)
+    prompts = jnp.where(jnp.arange(L)[None] < LENGTHS[:, None], full[:, :L], 0)
+    _, cache = jax.jit(lambda m: m.prefill(prompts, jnp.asarray(LENGTHS), L + 3))(model)
+    layers = jax.jit(lambda m: m.period_layers())(model)
+    flat = jax.jit(lambda m, c: m.unstack_period_cache(c))(model, cache)
+    scanned = jax.jit(lambda m, t, c: m.decode_step(t, c))
+    unrolled = jax.jit(lambda m, t, c, lay: m.decode_step(t, c, lay))
+    for i in range(3):
+        tok = full[:, L + i]
+        bad, _ = unrolled(model, tok, flat, layers[::-1])
+        want, cache = scanned(model, tok, cache)
+        got, flat = unrolled(model, tok, flat, layers)
+        assert_close(got, want, 1e-6, f"logits, step {i}")
+        assert max_rel_err(bad, want) > 1e-3
+    want = jax.jit(lambda m, c: m.unstack_period_cache(c))(model, cache)
+    for a, b in zip(jax.tree.leaves(flat), jax.tree.leaves(want), strict=True):
+        assert_close(a, b, 1e-6, "cache")
 
 
 @pytest.mark.parametrize("numerics", ["fp32", "bf16"])
@@ -225,6 +250,43 @@ def test_filters_on_hand_made_logits():
     np.testing.assert_array_equal(S.sample(LOGITS, None, S.SamplingParams()), [0, 2])
     with pytest.raises(ValueError, match="top_p"):
         S.SamplingParams(top_p=0.0)
+
+
+def _matches_softmax(draws, logits) -> bool:
+    """Pearson chi-square of the token counts against softmax(logits), cells with expected count
+    < 5 pooled; True below dof + 5 sqrt(2 dof) (a correct sampler exceeds it with p < 1e-4)."""
+    probs = np.asarray(jax.nn.softmax(logits))
+    n = len(draws)
+    counts = np.bincount(np.asarray(draws), minlength=len(probs)).astype(float)
+    expected = n * probs
+    big = expected >= 5
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum())
+    keep = exp > 0
+    stat = np.sum((obs[keep] - exp[keep]) ** 2 / exp[keep])
+    dof = keep.sum() - 1
+    return stat < dof + 5 * np.sqrt(2 * dof)
+
+
+def test_inverse_cdf_sampling_matches_softmax(monkeypatch):
+    """`categorical` (two-level inverse CDF) draws from softmax(logits): 40,000 draws over 300 tokens
+    (blocks of 128 with a partial last one, 30 excluded tokens) match the probabilities as well as
+    jax.random.categorical's do, also with 7-token blocks; a key reproduces its draws. Negative
+    controls: draws from the logits x 1.1, and the correct draws shifted by one token, fail."""
+    n, v = 40_000, 300
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=v) * 2.0, jnp.float32)
+    logits = logits.at[::10].set(-jnp.inf)
+    rows = jnp.broadcast_to(logits, (n, v))  # one uniform per row: n independent draws
+    draws = np.asarray(jax.jit(S.categorical)(jax.random.key(1), rows))
+    assert draws.min() >= 0 and draws.max() < v and not np.isin(draws, np.arange(0, v, 10)).any()
+    assert _matches_softmax(draws, logits)
+    assert _matches_softmax(jax.random.categorical(jax.random.key(1), rows), logits)
+    np.testing.assert_array_equal(S.categorical(jax.random.key(1), rows), draws)
+    assert not np.array_equal(S.categorical(jax.random.key(2), rows), draws)
+    monkeypatch.setattr(S, "CDF_BLOCK", 7)
+    assert _matches_softmax(S.categorical(jax.random.key(3), rows), logits)
+    assert not _matches_softmax(S.categorical(jax.random.key(3), rows * 1.1), logits)
+    assert not _matches_softmax((draws + 1) % v, logits)
 
 
 def test_generate_rejects_bad_lengths(setup):

@@ -252,17 +252,41 @@ class TurbosModel(nnx.Module):
     # ------------------------------------------------------------------ generation
     # Caches follow the parameter structure: {"prefix": [per layer], "period": [per period position,
     # leaves stacked with a leading `repeats` axis], "suffix": [per layer]}; MoE layers hold {}.
-    # Layers run in the order of the forward pass; the period is always scanned. Parameters may be
-    # int8 QTensors (generation/quantize.py): each layer is dequantised right before it runs.
-    def _generation_layers(self, step, x, layer_caches):
+    # Layers run in the order of the forward pass; the period is scanned, except in a decode step
+    # given `period_layers` (the period unrolled over layers sliced beforehand, with the caches of
+    # `unstack_period_cache`). Parameters may be int8 QTensors (generation/quantize.py): each layer
+    # is dequantised right before it runs.
+    def period_layers(self):
+        """The scanned period's layers as `repeats` lists of Blocks, each with its own slice of the
+        stacked parameters (int8 ones stay int8: dequantised in the step): sliced once, before a
+        decode loop, so the steps do not slice them again (see `generation.api`)."""
+        out = []
+        for r in range(self.cfg.layout_split.repeats):
+            row = []
+            for blk in self.period:
+                gd, st = nnx.split(blk)
+                row.append(nnx.merge(gd, jax.tree.map(lambda a, r=r: a[r], st)))
+            out.append(row)
+        return out
+
+    def unstack_period_cache(self, cache: dict) -> dict:
+        """A cache whose period part is `repeats` lists of per-layer caches (the layout
+        `decode_step(..., period_layers)` reads and returns) instead of stacks."""
+        repeats = self.cfg.layout_split.repeats
+        stacks = cache["layers"]["period"]
+        period = [[jax.tree.map(lambda a, r=r: a[r], c) for c in stacks] for r in range(repeats)]
+        return {"layers": cache["layers"] | {"period": period}, "lengths": cache["lengths"]}
+
+    def _generation_layers(self, step, x, layer_caches, period_layers=None):
         """Runs every layer: step(block, x, cache, layer) -> (x, cache). Returns (x, new layer
         caches, LM head).
 
         Prefill (layer_caches None): each layer builds its cache (called with cache = layer = None)
-        and the scan stacks the period's. Otherwise the caches are updated in place: the period's
-        stacks are the scan's carry and each period layer gets the whole stack and its index
-        `layer` (slicing a layer's KV cache out and stacking it back would copy all max_len slots
-        every step)."""
+        and the scan stacks the period's. With `period_layers` (and period caches per layer) the
+        period runs unrolled, each layer on its own cache. Otherwise the caches are updated in
+        place: the period's stacks are the scan's carry and each period layer gets the whole stack
+        and its index `layer` (slicing a layer's KV cache out and stacking it back would copy all
+        max_len slots every step)."""
         from turbos_jax.generation.quantize import dequantize
 
         def live(module):
@@ -290,6 +314,13 @@ class TurbosModel(nnx.Module):
                 return x, new
 
             x, out["period"] = jax.lax.scan(build, x, states, length=repeats)
+        elif period_layers is not None:  # unrolled, caches per layer: [repeats][period position]
+            for row, row_caches in zip(period_layers, layer_caches["period"], strict=True):
+                new = []
+                for blk, c in zip(row, row_caches, strict=True):
+                    x, c = step(live(blk), x, c, None)
+                    new.append(c)
+                out["period"].append(new)
         else:
 
             def update(carry, inp):
@@ -370,12 +401,16 @@ class TurbosModel(nnx.Module):
             return per_chunk.swapaxes(0, 1).reshape(b, n * chunk, -1)[:, :l], cache
         return logits, cache
 
-    def decode_step(self, tokens: jax.Array, cache: dict):
+    def decode_step(self, tokens: jax.Array, cache: dict, period_layers=None):
         """tokens (B,) int32, the next token of each sequence -> (logits (B, V), cache advanced by
-        one token). The token is placed at position cache["lengths"] of its sequence."""
+        one token). The token is placed at position cache["lengths"] of its sequence. With
+        `period_layers` (from `period_layers()`) the cache's period part is per layer
+        (`unstack_period_cache`) and the period runs unrolled; same result."""
         positions = cache["lengths"]
         step = lambda blk, x, c, r: blk.decode(x, c, positions, r)
-        x, layers, lm_head = self._generation_layers(step, self.embed(tokens[:, None]), cache["layers"])
+        x, layers, lm_head = self._generation_layers(
+            step, self.embed(tokens[:, None]), cache["layers"], period_layers
+        )
         logits = lm_head(self.final_norm(x))[:, 0]
         return logits, {"layers": layers, "lengths": positions + 1}
 

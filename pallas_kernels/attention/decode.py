@@ -41,6 +41,27 @@ def _block(cache, layer, start, size):
     return jax.lax.dynamic_slice(cache, (layer, 0, start, 0, 0), (1, b, size, kv, dh))[0]
 
 
+def _scores(qg, k):
+    """q.k: qg (B, C, K, G, Dh), k (B, block, K, Dh) -> fp32 (B, K, G, C, block).
+
+    One query per sequence (a decode step) on CPU: a multiply and a sum over Dh, reading the block
+    where it lies. As a dot, XLA:CPU first transposes every block to put (B, K) in front: a copy
+    of the whole cache per layer and step (small config: 4 x 10.5 MB per step)."""
+    if qg.shape[1] == 1 and jax.default_backend() == "cpu":
+        s = jnp.sum(qg[:, 0, None].astype(F32) * k[:, :, :, None].astype(F32), axis=-1)  # (B, S, K, G)
+        return jnp.transpose(s, (0, 2, 3, 1))[:, :, :, None]
+    return jnp.einsum("bckgd,bskd->bkgcs", qg, k, preferred_element_type=F32)
+
+
+def _weighted_values(p, v):
+    """sum over slots of p v: p (B, K, G, C, block), v (B, block, K, Dh) -> fp32 (B, K, G, C, Dh);
+    as `_scores`, a multiply and a sum for one query per sequence on CPU."""
+    if p.shape[3] == 1 and jax.default_backend() == "cpu":
+        ps = jnp.transpose(p[:, :, :, 0], (0, 3, 1, 2)).astype(F32)  # (B, S, K, G)
+        return jnp.sum(ps[..., None] * v[:, :, :, None].astype(F32), axis=1)[:, :, :, None]
+    return jnp.einsum("bkgcs,bskd->bkgcd", p, v, preferred_element_type=F32)
+
+
 def cache_attention(q, k_cache, v_cache, positions, *, layer=None, block: int = DEFAULT_BLOCK):
     """q (B, C, H, Dh) at positions (B, C) int; k_cache, v_cache (B, S, K, Dh) (or (R, B, S, K, Dh)
     with `layer` a traced index) -> out (B, C, H, Dh) in q.dtype. See the module docstring."""
@@ -56,7 +77,7 @@ def cache_attention(q, k_cache, v_cache, positions, *, layer=None, block: int = 
         start = jnp.minimum(first, slots - block)
         k = _block(k_cache, layer, start, block).astype(q.dtype)
         v = _block(v_cache, layer, start, block).astype(q.dtype)
-        s = jnp.einsum("bckgd,bskd->bkgcs", qg, k, preferred_element_type=F32) * dh**-0.5
+        s = _scores(qg, k) * dh**-0.5
         slot = start + jnp.arange(block)
         seen = (slot >= first)[None, None, :] & (slot[None, None, :] <= positions[:, :, None])
         seen = seen[:, None, None]  # (B, 1, 1, C, block)
@@ -64,7 +85,7 @@ def cache_attention(q, k_cache, v_cache, positions, *, layer=None, block: int = 
         shift = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # nothing visible yet: exp(-inf) = 0
         p = jnp.where(seen, jnp.exp(s - shift[..., None]), 0.0)
         alpha = jnp.exp(m - shift)
-        pv = jnp.einsum("bkgcs,bskd->bkgcd", p.astype(q.dtype), v, preferred_element_type=F32)
+        pv = _weighted_values(p.astype(q.dtype), v)
         return m_new, alpha * total + jnp.sum(p, axis=-1), alpha[..., None] * acc + pv
 
     g = h // kv

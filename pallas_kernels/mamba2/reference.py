@@ -253,10 +253,16 @@ def state_update(
         raise ValueError(f"bad shapes: state {state.shape} x {x.shape} dt {dt.shape} B {B.shape}")
     r = h // g
     dtp = process_dt(dt, dt_bias, dt_softplus, dt_limit)  # (b, h)
-    decay = jnp.exp(dtp * A.astype(F32)).reshape(b, g, r)
-    dtx = (x.astype(F32) * dtp[..., None]).reshape(b, g, r, p)
-    s = state.astype(F32).reshape(b, g, r, p, n)
-    new = decay[..., None, None] * s + dtx[..., None] * B.astype(F32)[:, :, None, None, :]
-    y = _einsum("bgrpn,bgn->bgrp", new, C.astype(F32)).reshape(b, h, p)
+    decay = jnp.exp(dtp * A.astype(F32))  # (b, h)
+    dtx = x.astype(F32) * dtp[..., None]  # (b, h, p)
+    bh, ch = (jnp.repeat(u.astype(F32), r, axis=1) for u in (B, C))  # (b, h, n): head i, group i // r
+    # Every array at the state's own (b, h, p, n) shape, no reshape of it: XLA can then write the
+    # new state over the old one (a while loop's carried state is updated in place, not copied),
+    # and the readout y = C . new is a dot batched over the leading (b, h) that reads that new
+    # state. With (b, g, r, ...) views XLA:CPU copied the state every step and fused the update
+    # into the readout dot's operand, a slow loop (an M layer's decode at batch 64, small config:
+    # 38.7 ms before, 2.9 ms now; benchmarks/RESULTS.md, "Rollout throughput").
+    new = decay[..., None, None] * state.astype(F32) + dtx[..., None] * bh[:, :, None, :]
+    y = _einsum("bhpn,bhn->bhp", new, ch)
     y = skip_and_gate(y, x, D, z)
-    return y.astype(x.dtype), new.reshape(b, h, p, n).astype(state.dtype)
+    return y.astype(x.dtype), new.astype(state.dtype)

@@ -15,7 +15,11 @@ One jitted program: prefill (chunked SSD scan + full-prompt attention, caches bu
 prompt folded in `prefill_chunk` tokens at a time, memory bounded by the chunk), a first
 sample from each prompt's last real token, then `lax.while_loop` over decode steps (one token per
 sequence per step) until every sequence has produced `eos_id` or `max_new_tokens` are generated.
-Step i samples with `fold_in(rng, i)`, so a seed reproduces a rollout exactly.
+Step i samples with `fold_in(rng, i)`, so a seed reproduces a rollout exactly. On CPU the
+period's layers are sliced out of their stacks once, before the loop, and each step runs them
+unrolled on per-layer caches: XLA:CPU would otherwise copy every sliced parameter (the scan over
+the period) and the Mamba2 states every step (benchmarks/RESULTS.md, "Rollout throughput"); this
+costs one extra copy of the period's parameters for the call.
 
 MoE layers run dropless: capacity is a training device (static buffer shapes, per-sequence
 overflow dropping) whose drops would make a token's output depend on the other tokens batched with
@@ -66,6 +70,11 @@ def _generate(
     eos = eos_id  # -1 = none (traced: a new EOS id does not recompile)
     done = first == eos
     count = jnp.ones((b,), jnp.int32)
+    # XLA:CPU copies every parameter a scan slices out of the period's stacks, every step (small
+    # config: ~270 MB, 40 % of the step): slice them once here, unroll the period in the step.
+    layers = None
+    if jax.default_backend() == "cpu":
+        layers, cache = model.period_layers(), model.unstack_period_cache(cache)
 
     def cond(carry):
         i, _, done, *_ = carry
@@ -73,7 +82,7 @@ def _generate(
 
     def body(carry):
         i, out, logps, done, count, last, cache = carry
-        logits, cache = model.decode_step(last, cache)
+        logits, cache = model.decode_step(last, cache, layers)
         tok = sample(logits, jax.random.fold_in(rng, i), sampling)
         logp = jnp.where(done, 0.0, _token_logprob(logits, tok, sampling))
         tok = jnp.where(done, pad_id, tok)
