@@ -39,7 +39,8 @@
 # minutes over three seeds. Measured on the project's shared CPU VM pinned to one core (jax 0.10.2,
 # 2026-11-26): 13 min 35 s in all; the 450 SFT steps took 74 s and reached 9.0 % (one XLA thread;
 # the two-thread calibration stood at 21 % there); from the shipped 46.0 %, after 4 minutes per arm
-# GRPO stood at 63.8 %, continued SFT at 50.2 % and GRPO with shuffled rewards at 26.8 % (one seed).
+# GRPO stood at 63.8 %, continued SFT at 50.2 % and GRPO with shuffled rewards at 26.8 % (one seed;
+# measured before the inverse-CDF sampler, which draws other samples for the same seed).
 # `TURBOS_NOTEBOOK_SMOKE=1` (set by the tests) runs 6 SFT steps and a few steps per arm with small
 # evaluations: the mechanics, not learning.
 
