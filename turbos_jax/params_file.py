@@ -54,12 +54,8 @@ def save(path: str, params: Any, config, step: int) -> int:
     return sum(t.size for _, t in tensors)
 
 
-def read_config(path: str) -> dict:
-    """The train config (a dict) stored in the file at `path`."""
-    return json.loads(_metadata(path)["config"])
-
-
 def read_step(path: str) -> int:
+    """The checkpoint step the file's parameters were written from."""
     return int(_metadata(path)["step"])
 
 
