@@ -9,14 +9,17 @@ init_from; a mismatch is one line naming the parameter, with nothing written in 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from helpers import ROOT, subprocess_env
 
 from configs import tiny
-from turbos_jax import convert, optim, train
+from turbos_jax import convert, optim, params_file, train
 from turbos_jax import training_loop as loop
 from turbos_jax.checkpointing import IncompatibleCheckpointError, InitFromError, leaf_path
 from turbos_jax.config import ConfigError, ModelConfig
@@ -220,3 +223,28 @@ def test_params_file_mismatch_and_bad_files_are_one_line_errors(source, params_f
     with pytest.raises(convert.ConvertError, match=r"expected a file name ending in \.safetensors"):
         convert.to_params(source, str(tmp_path / "params.bin"))
     assert _listing(os.path.dirname(params_file_of_source)) == before
+
+
+def test_convert_cli_writes_a_params_file_and_refuses_bad_flags(source, tmp_path):
+    def convert_cli(*flags):
+        return subprocess.run(
+            [sys.executable, "-m", "turbos_jax.convert", f"--workdir={source}", *flags],
+            capture_output=True,
+            text=True,
+            env=subprocess_env(devices=1),
+            cwd=ROOT,
+            timeout=300,
+        )
+
+    path = tmp_path / "p.safetensors"
+    refused = convert_cli(f"--to_params={path}", "--dtype=bfloat16")
+    assert refused.returncode != 0 and "--dtype applies to --to_hf only" in refused.stderr
+    assert not path.exists()
+    done = convert_cli(f"--to_params={path}")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith(f"parameters of {source} to {path}")
+    assert params_file.read_step(str(path)) == SOURCE_STEPS
+    again = convert_cli(f"--to_params={path}")
+    assert again.returncode == 1
+    last_line = again.stderr.strip().splitlines()[-1]
+    assert last_line == f"error: --to_params={path}: already exists; choose a new file name"

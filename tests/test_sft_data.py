@@ -149,16 +149,7 @@ def test_exact_match_cuts_at_the_stop_token_and_scores_each_prompt(monkeypatch):
         return out, count
 
     monkeypatch.setattr(evaluation, "generate", scripted)
-    result = evaluation.exact_match(
-        None,
-        None,
-        [e.prompt_ids for e in examples],
-        [e.reference for e in examples],
-        tokenizer=fmt.tokenizer,
-        stop_id=fmt.stop_id,
-        max_new_tokens=40,
-        batch_size=2,
-    )
+    result = evaluation.examples_exact_match(None, None, examples, fmt, max_new_tokens=40, batch_size=2)
     assert result.correct == [True, False, True]
     assert result.accuracy == pytest.approx(2 / 3)
     assert result.responses[1] == "#### 5"

@@ -34,9 +34,8 @@ from turbos_jax.config import ModelConfig
 from turbos_jax.data import DataError
 from turbos_jax.interop.hf_config import UnsupportedCheckpointError
 
-_FROM_HF = _TO_HF = _TO_PARAMS = _WORKDIR = _DTYPE = (
-    None  # absl flags, defined by define_flags() (not on import)
-)
+# absl flags, defined by define_flags() (not on import)
+_FROM_HF = _TO_HF = _TO_PARAMS = _WORKDIR = _DTYPE = None
 
 CONFIG_LOADER = '''"""The train config of a converted workdir: the config.json next to this file."""
 
@@ -153,6 +152,8 @@ def main(argv):
         raise app.UsageError(
             "--workdir and exactly one of --from_hf=DIR, --to_hf=DIR or --to_params=FILE are required"
         )
+    if _DTYPE.value and not _TO_HF.value:
+        raise app.UsageError("--dtype applies to --to_hf only (--to_params keeps the checkpoint's dtypes)")
     if _TO_PARAMS.value:
         n = to_params(_WORKDIR.value, _TO_PARAMS.value)
         print(f"wrote {n:,} parameters of {_WORKDIR.value} to {_TO_PARAMS.value}", flush=True)
