@@ -310,6 +310,77 @@ def test_dropless_matches_per_token_loop():
     assert float(aux["moe_dropped_fraction"]) == 0.0
 
 
+def _skewed_moe(skew):
+    """A layer and input whose routing sends every token to expert 0 when `skew` (one of its two
+    choices), else a sharp but spread routing; the last 3 tokens of row 1 are padding."""
+    m = MoEFFN(_cfg(), rngs=nnx.Rngs(0))
+    _sharpen_router(m, 10.0)
+    x = _x((2, 16, m.cfg.d_model), seed=4)
+    if skew:  # a shared offset in x that only expert 0's router column sees
+        x = x + 2.0
+        m.router[...] = m.router[...].at[:, 0].add(1.0)
+    valid = jnp.ones((2, 16), bool).at[1, -3:].set(False)
+    return m, x, valid
+
+
+def _loss_and_grads(m, x, valid):
+    def loss(mod, a):
+        y, aux = mod(a, valid)
+        return jnp.sum(jnp.sin(y)) + aux["moe_lb_loss"]
+
+    return nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1)))(m, x)
+
+
+@pytest.mark.parametrize("skew", [False, True], ids=["spread", "skewed"])
+def test_slotted_dropless_equals_sorted_path(monkeypatch, skew):
+    """`_dropless_slotted` (capacity buffers; CPU with few tokens) against the sorted path
+    (permute, tiled grouped matmuls, unpermute): outputs and gradients. Skewed routing overfills
+    the smallest slot count, so a larger one must be chosen; the negative control keeps the
+    smallest (and so drops choices)."""
+    import turbos_jax.layers.moe as moe_mod
+
+    m, x, valid = _skewed_moe(skew)
+    ids = nnx.jit(lambda mod, a: mod.route(a, valid)[0])(m, x)
+    busiest = int(np.bincount(np.asarray(ids).ravel(), minlength=9)[:8].max())
+    assert (busiest > moe_mod.slot_buckets(2 * 16 * 2, 8)[0]) == skew, busiest
+
+    calls = []
+    monkeypatch.setattr(MoEFFN, "_dropless_slotted", _spy(MoEFFN._dropless_slotted, calls))
+    slotted = _loss_and_grads(m, x, valid)
+    assert calls, "the slotted path did not run"
+    monkeypatch.setattr(moe_mod, "SLOTTED_MAX_CHOICES", 0)
+    sorted_ = _loss_and_grads(m, x, valid)
+    assert len(calls) == 1, "the sorted path ran the slotted one"
+    for got, want in zip(jax.tree.leaves(slotted), jax.tree.leaves(sorted_)):
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+
+    # Negative control: with the smallest slot count always, the skewed routing drops choices.
+    monkeypatch.setattr(moe_mod, "SLOTTED_MAX_CHOICES", 10**9)
+    monkeypatch.setattr(jax.lax, "switch", lambda index, branches, *a: branches[0](*a))
+    y_smallest = nnx.jit(lambda mod, a: mod(a, valid)[0])(m, x)
+    monkeypatch.setattr(moe_mod, "SLOTTED_MAX_CHOICES", 0)
+    y_want = nnx.jit(lambda mod, a: mod(a, valid)[0])(m, x)
+    assert np.allclose(y_smallest, y_want, rtol=2e-5, atol=2e-6) == (not skew)
+
+
+@pytest.mark.parametrize("choices,experts", [(2, 8), (32, 8), (128, 8), (1024, 8), (64, 2), (100, 3)])
+def test_slot_buckets_cover_every_load(choices, experts):
+    from turbos_jax.layers.moe import slot_buckets
+
+    buckets = slot_buckets(choices, experts)
+    assert list(buckets) == sorted(set(buckets)) and all(c % 8 == 0 for c in buckets)
+    assert buckets[0] >= 1.5 * choices / experts  # a balanced router fits the first
+    assert buckets[-1] >= choices > (buckets[-2] if len(buckets) > 1 else 0)  # all in one expert
+
+
+def _spy(fn, calls):
+    def wrapped(*args, **kw):
+        calls.append(1)
+        return fn(*args, **kw)
+
+    return wrapped
+
+
 def test_capacity_with_huge_factor_equals_dropless():
     x = _x((2, 8, 64), seed=1)
     a = MoEFFN(_cfg(), rngs=nnx.Rngs(3))

@@ -75,6 +75,9 @@ from turbos_jax.layers import context_parallel, expert_parallel
 from turbos_jax.layers.mlp import activate, swiglu  # noqa: F401 (swiglu re-exported)
 from turbos_jax.sharding import constrain, param
 
+# Dropless layers with at most this many (token, choice) rows run `_dropless_slotted` on CPU; it
+# beats the sorted path at decode and loses at prefill sizes (benchmarks/RESULTS.md).
+SLOTTED_MAX_CHOICES = 1024
 AUX_KEYS = ("moe_lb_loss", "moe_z_loss", "moe_dropped_fraction", "moe_expert_load")
 
 
@@ -95,6 +98,17 @@ def _capacity_experts(xe, wg, wu, wo, constrain_hidden: bool = False):
     if constrain_hidden:
         h = constrain(h, ("expert", "batch", "mlp"))
     return jnp.einsum("emf,efd->emd", h, wo).reshape(e, g, c, d)  # [E, G, C, D]
+
+
+def slot_buckets(choices: int, num_experts: int) -> tuple[int, ...]:
+    """Slot counts `MoEFFN._dropless_slotted` chooses from, smallest first: 1.5x the mean load per
+    expert, then x1.5 each, multiples of 8, the last one >= `choices` (every choice in one expert)."""
+    buckets, c = [], 1.5 * choices / num_experts
+    while not buckets or buckets[-1] < choices:
+        slots = min(8 * -(-math.ceil(c) // 8), 8 * -(-choices // 8))
+        buckets += [slots] if slots not in buckets else []
+        c *= 1.5
+    return tuple(buckets)
 
 
 class MoEFFN(nnx.Module):
@@ -334,6 +348,8 @@ class MoEFFN(nnx.Module):
         mesh = self._expert_parallel_mesh(b, kernels=impl == "pallas")
         if mesh is not None:
             return self._dropless_expert_parallel(mesh, x, ids, gates, impl)
+        if impl == "xla" and jax.default_backend() == "cpu" and b * l * k <= SLOTTED_MAX_CHOICES:
+            return self._dropless_slotted(x, ids, gates)
         xt = x.reshape(b * l, d)  # [T, D]
         order, sizes = moe_ops.sort_by_expert(ids.reshape(b * l, k), e)  # [T*K], [E]
         xs = moe_ops.permute(xt, order, k, impl=impl)  # [T*K, D]
@@ -343,6 +359,38 @@ class MoEFFN(nnx.Module):
         h = activate(hg, hu)  # [T*K, F]
         ys = moe_ops.grouped_matmul(h, wo, sizes, impl=impl)  # [T*K, D]
         y = moe_ops.unpermute(ys, order, gates.reshape(b * l, k), impl=impl)  # [T, D]
+        return y.reshape(b, l, d)
+
+    def _dropless_slotted(self, x, ids, gates):
+        """Dropless experts through capacity buffers, for few tokens on CPU (decode): x (B, L, D),
+        ids/gates (B, L, K) -> y (B, L, D), equal to the sorted path up to summation order.
+
+        At decode the sorted path's grouped matmul (`tiled.py`) slices a (D, F) weight out of the
+        expert stack for every (row tile, expert) pair, and XLA:CPU copies each slice. Here every
+        product is one einsum batched over the stack, which reads the weights in place:
+          1. slot of each (token, choice) in its expert's queue, token-major (`capacity_positions`
+             over all T tokens as one group), and the busiest expert's load;
+          2. C = the smallest of `slot_buckets` that holds that load (`lax.switch` over one
+             branch per bucket; the largest holds every choice), so nothing is dropped;
+          3. dispatch into (E, 1, C, D) buffers -> experts -> gate-weighted combine.
+        Costs E * C - T * K padded rows: 1.5x the routed FLOPs when the router is balanced. (Rounds
+        of a fixed C instead read every expert weight again per round: slower on skewed routing.)
+        """
+        b, l, d = x.shape
+        e, k = self.cfg.num_experts, self.cfg.top_k
+        t = b * l
+        ids, gates = ids.reshape(1, t, k), gates.reshape(1, t, k)  # one group of all T tokens
+        pos = moe_ops.capacity_positions(ids, e)  # [1, T, K]
+        buckets = slot_buckets(t * k, e)
+        bucket = jnp.searchsorted(jnp.asarray(buckets), jnp.max(pos) + 1)  # busiest load fits
+        xg, weights = x.reshape(1, t, d), self._weights()
+
+        def experts_with(c):
+            xe = moe_ops.capacity_dispatch(xg, ids, pos, c, e)  # [E, 1, C, D]
+            ye = _capacity_experts(xe, *weights)  # [E, 1, C, D]
+            return moe_ops.capacity_combine(ye, ids, pos, gates, c)  # [1, T, D]
+
+        y = jax.lax.switch(bucket, [functools.partial(experts_with, c) for c in buckets])
         return y.reshape(b, l, d)
 
     # ------------------------------------------------------------------------------------- forward
