@@ -351,7 +351,7 @@ def test_slotted_dropless_equals_sorted_path(monkeypatch, skew):
     monkeypatch.setattr(moe_mod, "SLOTTED_MAX_CHOICES", 0)
     sorted_ = _loss_and_grads(m, x, valid)
     assert len(calls) == 1, "the sorted path ran the slotted one"
-    for got, want in zip(jax.tree.leaves(slotted), jax.tree.leaves(sorted_)):
+    for got, want in zip(jax.tree.leaves(slotted), jax.tree.leaves(sorted_), strict=True):
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
 
     # Negative control: with the smallest slot count always, the skewed routing drops choices.
