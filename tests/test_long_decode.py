@@ -47,9 +47,12 @@ def _dense(q, k, v, positions):
 
 @pytest.mark.parametrize("numerics", ["fp32", "bf16"])
 @pytest.mark.parametrize("c", [1, 5])
-def test_cache_attention_matches_dense(numerics, c):
+@pytest.mark.parametrize("block", [8, 64], ids=["blocks", "one_block"])
+def test_cache_attention_matches_dense(numerics, c, block):
+    """block 8: a loop over 5 blocks, the last shifted back (37 slots); block 64: one block holds
+    the whole cache, no loop."""
     dt = DTYPES[numerics]
-    b, s, h, kv, dh, block = 3, 37, 4, 2, 16, 8  # 37 slots: the last block is shifted back
+    b, s, h, kv, dh = 3, 37, 4, 2, 16
     start = np.array([0, 9, 37 - c])  # rows filled to different lengths; one up to the last slot
     positions = jnp.asarray(start[:, None] + np.arange(c), jnp.int32)
     keys = jax.random.split(jax.random.key(0), 3)

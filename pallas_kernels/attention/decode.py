@@ -12,7 +12,8 @@ Algorithm:
   1. n = ceil((max over the batch of the positions + 1) / block): the blocks holding a visible slot.
      n is a traced value, so one compiled program serves every filled length, and a step costs
      O(filled * block-rounding), not O(S). Rows with fewer filled slots mask the rest (batch max).
-  2. `fori_loop` over the n blocks (a while loop): slice block j's K/V out of the cache (when S is
+  2. `fori_loop` over the n blocks (a while loop; just the body when one block holds the whole
+     cache, S <= block): slice block j's K/V out of the cache (when S is
      not a multiple of the block, the last block is shifted back to end at slot S and its slots
      before j * block, already seen, are masked), fp32 scores q.k * Dh**-0.5, online softmax: the
      running max m, the running sum l of exp(s - m) and the fp32 accumulator of exp(s - m) v.
@@ -94,6 +95,9 @@ def cache_attention(q, k_cache, v_cache, positions, *, layer=None, block: int = 
         jnp.zeros((b, kv, g, c), F32),
         jnp.zeros((b, kv, g, c, dh), F32),
     )
-    _, total, acc = jax.lax.fori_loop(0, n_blocks, body, init)
+    if slots <= block:  # one block holds the whole cache: its body alone, no while loop
+        _, total, acc = body(0, init)
+    else:
+        _, total, acc = jax.lax.fori_loop(0, n_blocks, body, init)
     out = acc / total[..., None]  # step 3
     return jnp.moveaxis(out, 3, 1).reshape(b, c, h, dh).astype(q.dtype)
