@@ -132,9 +132,9 @@ def test_rollout_throughput_smoke(impls):
         pytest.importorskip("transformers", reason="the PyTorch side needs transformers (not in CI)")
     env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
     script = os.path.join(ROOT, "benchmarks", "rollout_throughput.py")
-    flags = ["--batch=4", "--group=2", "--prompt_len=4", "--new_tokens=3", "--repeats=1", f"--impls={impls}"]
+    flags = ["--config=configs/tiny.py", "--batch=4", "--group=2", "--prompt_len=4", "--new_tokens=3"]
     proc = subprocess.run(
-        [sys.executable, script, *flags], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT
+        [sys.executable, script, *flags, "--repeats=1", f"--impls={impls}"], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [

@@ -1,6 +1,7 @@
 """`python -m turbos_jax.generate` on the quickstart config: sampling from a trained checkpoint and
 the one-line errors. (The production settings' train -> generate run is test_production_path.py.)"""
 
+import re
 import subprocess
 import sys
 
@@ -47,3 +48,25 @@ def test_cli_errors(tmp_path):
     assert out.returncode == 1 and "top_p" in out.stderr.strip().splitlines()[-1]
     out = _generate_cli(tmp_path, "--prompt=Hi", "--prefill_chunk=-1")
     assert out.returncode == 1 and "--prefill_chunk=-1" in out.stderr.strip().splitlines()[-1]
+    out = _generate_cli(tmp_path, "--prompt=Hi", "--stop_text=ab")  # two byte tokens
+    assert out.returncode == 1
+    want = "error: --stop_text='ab': must be one token of the tokenizer, is 2"
+    assert out.stderr.strip().splitlines()[-1] == want
+
+
+def test_cli_stops_at_the_sft_stop_text():
+    """configs/sft_tiny.py's stop_text "\\n" ends the answer of the shipped SFT parameters (the
+    bytes tokenizer has no EOS); `--stop_text=` (the EOS: none) lets it run on past the newline."""
+    from turbos_jax.posttrain.arithmetic import SFT_PARAMS
+
+    def generate(*extra):
+        cmd = [sys.executable, "-m", "turbos_jax.generate", "--config=configs/sft_tiny.py"]
+        cmd += [f"--workdir={SFT_PARAMS}", "--prompt=478+256=", "--max_new_tokens=12", *extra]
+        out = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout
+
+    stopped = generate()
+    assert re.fullmatch(r"\[checkpoint step 1800\] 478\+256=\d+\n", stopped), stopped
+    unstopped = generate("--stop_text=")
+    assert unstopped.startswith(stopped) and len(unstopped) > len(stopped)  # same answer, then more

@@ -10,8 +10,11 @@ r"""Samples a continuation from a trained checkpoint:
    read); a parameters file (`--workdir=FILE.safetensors`, turbos_jax/params_file.py) is read
    whole instead. --int8 quantises the matmul weights for sampling (generation/quantize.py).
 3. The prompt is tokenized with `config.data.tokenizer` (and prefilled --prefill_chunk tokens at a
-   time when set), generation stops at the tokenizer's EOS
-   (if it has one) or after --max_new_tokens, and the decoded continuation is printed.
+   time when set). Generation stops at the stop token or after --max_new_tokens, and the decoded
+   continuation, without the stop token, is printed. The stop token is --stop_text (one token);
+   without the flag, `config.sft.stop_text` when the config has an `sft` section and it is not
+   empty (what SFT taught the model to end a response with: "\n" in configs/sft_tiny.py), else
+   the tokenizer's EOS (the bytes tokenizer has none: --max_new_tokens then ends it).
 Mistakes (no checkpoint, bad flags or config keys) end in one `error: ...` line.
 """
 
@@ -33,14 +36,14 @@ from turbos_jax.generation.sampling import SamplingParams
 
 # absl flags, defined by define_flags() (not on import).
 _CONFIG = _WORKDIR = _PROMPT = _MAX_NEW = _TEMPERATURE = _TOP_K = _TOP_P = _MIN_P = _SEED = _INT8 = None
-_PREFILL_CHUNK = None
+_PREFILL_CHUNK = _STOP_TEXT = None
 
 
 def define_flags() -> None:
     """This command's absl flags, defined when it runs as `python -m turbos_jax.generate`: importing
     the module (e.g. for `restore_params`, next to `turbos_jax.train`) defines none."""
     global _CONFIG, _WORKDIR, _PROMPT, _MAX_NEW, _TEMPERATURE, _TOP_K, _TOP_P, _MIN_P, _SEED, _INT8
-    global _PREFILL_CHUNK
+    global _PREFILL_CHUNK, _STOP_TEXT
     if _CONFIG is not None:
         return
     _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
@@ -57,6 +60,12 @@ def define_flags() -> None:
     _INT8 = flags.DEFINE_bool("int8", False, "Int8 weight-only quantisation of matmul weights.")
     _PREFILL_CHUNK = flags.DEFINE_integer(
         "prefill_chunk", 0, "Prefill the prompt this many tokens at a time (bounded memory); 0 = at once."
+    )
+    _STOP_TEXT = flags.DEFINE_string(
+        "stop_text",
+        None,
+        "Stop after this text (one token; '' = the tokenizer's EOS). Default: config.sft.stop_text "
+        "when set, else the EOS.",
     )
 
 
@@ -109,6 +118,19 @@ def restore_params(model_cfg: ModelConfig, workdir: str, config=None):
     return graphdef, restored["state"]["params"], steps[-1]
 
 
+def stop_token(config, tokenizer, stop_text: str | None) -> int | None:
+    """The token generation stops at (module docstring, step 3); None when there is none."""
+    where = "--stop_text"
+    if stop_text is None and "sft" in config and config.sft.stop_text:
+        stop_text, where = config.sft.stop_text, "config.sft.stop_text"
+    if not stop_text:
+        return tokenizer.eos_id
+    ids = tokenizer.encode(stop_text)
+    if len(ids) != 1:
+        raise GenerateError(f"{where}={stop_text!r}: must be one token of the tokenizer, is {len(ids)}")
+    return ids[0]
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -136,6 +158,7 @@ def main(argv):
         raise GenerateError("--prompt: empty after tokenization")
     if max(ids) >= model_cfg.vocab_size:
         raise GenerateError(f"--prompt: token id {max(ids)} >= config.model.vocab_size")
+    stop_id = stop_token(config, tokenizer, _STOP_TEXT.value)
     graphdef, params, step = restore_params(model_cfg, _WORKDIR.value, config)
     if _INT8.value:
         params = quantize_params(params)
@@ -147,11 +170,11 @@ def main(argv):
         max_new_tokens=_MAX_NEW.value,
         sampling=sampling,
         rng=jax.random.key(_SEED.value),
-        eos_id=tokenizer.eos_id,
+        eos_id=stop_id,
         prefill_chunk=_PREFILL_CHUNK.value or None,
     )
     out = [int(t) for t in jax.device_get(tokens)[0, : int(n[0])]]
-    if tokenizer.eos_id is not None and out and out[-1] == tokenizer.eos_id:
+    if stop_id is not None and out and out[-1] == stop_id:
         out = out[:-1]
     print(f"[checkpoint step {step}] {_PROMPT.value}", end="", flush=True)
     print(tokenizer.decode(out), flush=True)
