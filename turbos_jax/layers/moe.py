@@ -44,7 +44,10 @@ slots per group. A group of N routes exactly as an N-token sequence would.
 Dropless mode (cfg.capacity_factor == 0): the B*L tokens are flattened, their T*k choices sorted by
 expert, rows permuted into expert order, three grouped matmuls (ragged_dot) and a gate-weighted
 unpermute. Nothing is dropped; padding choices sort after every expert and cost no FLOPs on backends
-whose ragged matmul skips rows beyond sum(group_sizes). With expert parallelism (same condition as in
+whose ragged matmul skips rows beyond sum(group_sizes). On CPU with at most SLOTTED_MAX_CHOICES
+(token, choice) rows (decode steps), the same dropless result comes from capacity buffers instead
+(`_dropless_slotted`): slots sized from the busiest expert's load, so nothing is dropped, and one
+einsum per matrix over the whole expert stack. With expert parallelism (same condition as in
 capacity mode) each choice's row travels to the shard holding its expert by ragged all-to-all and back
 (`_dropless_expert_parallel`, `expert_parallel.py`): exact, each row crosses the network once each
 way.
