@@ -134,7 +134,12 @@ def test_rollout_throughput_smoke(impls):
     script = os.path.join(ROOT, "benchmarks", "rollout_throughput.py")
     flags = ["--config=configs/tiny.py", "--batch=4", "--group=2", "--prompt_len=4", "--new_tokens=3"]
     proc = subprocess.run(
-        [sys.executable, script, *flags, "--repeats=1", f"--impls={impls}"], capture_output=True, text=True, timeout=600, env=env, cwd=ROOT
+        [sys.executable, script, *flags, "--repeats=1", f"--impls={impls}"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [
